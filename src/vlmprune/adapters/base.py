@@ -1,0 +1,124 @@
+"""The model-adapter interface: where a family keeps its image tokens, grids, layers and positions.
+
+The engine asks the adapter; nothing else knows a model's layout.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["ModelAdapter"]
+
+
+class ModelAdapter(ABC):
+    """Answers the engine's questions about one model family, from the model's own config and ids.
+
+    Subclasses name the transformers classes they accept in `model_classes`.
+    """
+
+    family: ClassVar[str]
+    model_classes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def accepts(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    # Module lookup -----------------------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def multimodal_module(self) -> nn.Module:
+        """The module whose forward receives `input_ids` and the images (hooked to find image tokens)."""
+
+    @property
+    @abstractmethod
+    def text_model(self) -> nn.Module:
+        """The decoder stack: has `.layers`, `.rotary_emb` and `.config`."""
+
+    @property
+    def vision_feature_module(self) -> nn.Module | None:
+        """A module whose first positional input is the vision features before the projector, or None."""
+        return None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def text_config(self):
+        return self.text_model.config
+
+    # Image tokens ------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: which tokens are image tokens."""
+
+    @abstractmethod
+    def image_grids(self, image_mask: torch.Tensor, forward_kwargs: dict) -> list[list[tuple[int, int]]]:
+        """Per sample, (rows, cols) of each image's token grid, in prompt order."""
+
+    def split_vision_features(self, features: torch.Tensor, n_image_tokens: list[int]) -> list[torch.Tensor]:
+        """Per sample, (N_b, channels) vision features in image-token order, from what the vision module got."""
+        flat = features.reshape(-1, features.shape[-1])
+        return list(torch.split(flat, n_image_tokens))
+
+    # Queries, keys and positions ---------------------------------------------------------------------------
+
+    def normed_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer's attention input for these hidden-state rows (its pre-attention norm)."""
+        return layer.input_layernorm(hidden)
+
+    def project(
+        self,
+        layer: nn.Module,
+        x: torch.Tensor,
+        which: str,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """Queries or keys of `layer` for normed rows `x` (batch, rows, hidden).
+
+        Returns (batch, heads, rows, head_dim); keys are repeated to the number of query heads (GQA). RoPE is
+        applied when `position_embeddings` (cos, sin), each (batch, rows, head_dim), is given.
+        """
+        attn = layer.self_attn
+        proj = attn.q_proj if which == "q" else attn.k_proj
+        out = proj(x).view(*x.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+        norm = getattr(attn, "q_norm" if which == "q" else "k_norm", None)
+        if norm is not None:
+            out = norm(out)
+        if position_embeddings is not None:
+            cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+            out = out * cos + _rotate_half(out) * sin
+        if which == "k":
+            out = out.repeat_interleave(attn.num_key_value_groups, dim=1)
+        return out
+
+    def scaling(self, layer: nn.Module) -> float:
+        return float(layer.self_attn.scaling)
+
+    def position_embeddings(
+        self, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for `position_ids`, as the decoder stack computes them."""
+        return self.text_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def default_position_ids(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:
+        """The position ids the decoder stack uses when the caller passes none."""
+        return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

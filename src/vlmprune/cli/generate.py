@@ -1,0 +1,181 @@
+"""`vlmprune generate`: answer one prompt about one image with a pruned model, and say what was kept."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import warnings
+
+from vlmprune.cli._common import CommandError, parse_params
+from vlmprune.errors import VlmpruneError
+
+__all__ = ["add_parser", "build_prompt", "load_image", "run"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate an answer about one image with a pruning method",
+        description=(
+            "Load a Hugging Face VLM, answer PROMPT about IMAGE with greedy decoding inside "
+            "`vlmprune.prune(model, method)`, and print the answer and the image tokens each stage kept."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="ID_OR_DIR", help="Hub id or local directory")
+    parser.add_argument("--image", required=True, metavar="FILE", help="image file (any format PIL reads)")
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        metavar="TEXT",
+        help="question; wrapped in the processor's chat template unless it already contains the image token",
+    )
+    parser.add_argument(
+        "--method", required=True, metavar="NAME", help="method name (see `vlmprune methods`), or `none`"
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a method parameter, repeatable; VALUE is a Python literal or a bare string "
+        "(e.g. --param layer=3 --param ratio=0.75 --param layers=[8,16])",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: auto)")
+    parser.add_argument(
+        "--attn",
+        choices=("sdpa", "eager", "flash_attention_2"),
+        default="sdpa",
+        help="attention implementation (default: sdpa)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    method = _build_method(args.method, parse_params(args.param))
+    image = load_image(args.image)
+    processor, model = _load(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
+
+    prompt = build_prompt(processor, args.prompt)
+    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+
+    if method is None:
+        output = model.generate(**inputs, **generate_kwargs)
+        trace = None
+    else:
+        from vlmprune import prune
+
+        with prune(model, method) as trace:
+            output = model.generate(**inputs, **generate_kwargs)
+
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    answer = processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    print(answer)
+    print(f"--- method: {args.method}" + (f" ({method})" if method is not None else ""))
+    if trace is None:
+        image_token_id = getattr(model.config, "image_token_id", None)
+        if image_token_id is not None:
+            n_image = int((inputs["input_ids"][0] == image_token_id).sum())
+            print(f"no pruning: all {n_image} image tokens kept")
+        else:
+            print("no pruning")
+    else:
+        print(trace.summary())
+    return 0
+
+
+def _build_method(name: str, params: dict[str, object]):
+    from vlmprune.methods import build_method
+
+    if name.lower() == "none":
+        if params:
+            raise CommandError(f"--method none takes no --param, got {', '.join(sorted(params))}")
+        return None
+    try:
+        return build_method(name, **params)
+    except VlmpruneError:
+        raise
+    except (ValueError, TypeError) as error:  # a method's own validation of its fields
+        raise CommandError(f"invalid parameters for method {name!r}: {error}") from None
+
+
+def load_image(path: str):
+    """The image at `path` as an RGB PIL image; a `CommandError` if it is missing or unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise CommandError(f"cannot read image {path}: {error}") from None
+
+
+def build_prompt(processor, text: str) -> str:
+    """The prompt text given to the processor.
+
+    A prompt that already contains the processor's image token is used as written. Otherwise the
+    processor's chat template (one user turn: the image, then `text`) is applied when it has one, and
+    `"<image>\\n"` is prefixed when it has none.
+    """
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if image_token in text:
+        return text
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return f"{image_token}\n{text}"
+
+
+def _looks_local(model: str) -> bool:
+    """True for paths that cannot be a Hub id (`org/name`): absolute, relative with `.`, or `~`."""
+    return (
+        os.path.isabs(model)
+        or model.startswith(("./", "../", "~", ".\\", "..\\"))
+        or model in (".", "..")
+        or model.count("/") > 1
+    )
+
+
+def _load(model_id: str, *, device: str, dtype: str, attn: str):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = os.path.expanduser(model_id)
+    if not os.path.exists(path) and _looks_local(model_id):
+        raise CommandError(f"model directory {model_id} does not exist")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(f"model path {model_id} is not a directory")
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)  # fails early on a device this machine does not have
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"device {device!r} is not usable: {error}") from None
+    kwargs: dict[str, object] = {
+        "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
+        "attn_implementation": attn,
+    }
+    # Loading straight onto an accelerator needs accelerate; without it the model is loaded, then moved.
+    if torch_device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = str(torch_device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            processor = AutoProcessor.from_pretrained(path)
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"cannot load model {model_id}: {message}") from None
+    try:
+        model = model.to(torch_device)
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"cannot move the model to {device}: {error}") from None
+    return processor, model.eval()

@@ -1,0 +1,19 @@
+"""Criteria: small pieces that choose image tokens, usable in any stage of any method."""
+
+from vlmprune.criteria.attention import Attention
+from vlmprune.criteria.base import Criterion, ScoredCriterion, SelectionContext
+from vlmprune.criteria.ensemble import Ensemble
+from vlmprune.criteria.knn import KnnDensity
+from vlmprune.criteria.random import RandomScore
+from vlmprune.criteria.uniform import Uniform
+
+__all__ = [
+    "Attention",
+    "Criterion",
+    "Ensemble",
+    "KnnDensity",
+    "RandomScore",
+    "ScoredCriterion",
+    "SelectionContext",
+    "Uniform",
+]

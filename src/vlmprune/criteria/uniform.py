@@ -1,0 +1,100 @@
+"""A uniform grid over each image: FEATHER's φuniform."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmprune.criteria.base import Criterion, SelectionContext
+from vlmprune.errors import BudgetError
+
+__all__ = ["Uniform"]
+
+
+@dataclass(frozen=True)
+class Uniform(Criterion):
+    """Keeps image tokens on a regular 2-D grid, ignoring what they show (FEATHER's φuniform).
+
+    With a `stride` (FEATHER, arXiv 2412.13180, official code `s=<stride>`): keep the cells
+    `grid[::stride, ::stride]` of every image, anchored at the top-left (row r, column c with
+    `r % stride == 0` and `c % stride == 0`), that are still present. The stage budget is ignored:
+    a 24×24 grid keeps 64 tokens at stride 3 and 144 at stride 2, a 27×27 grid 81 at stride 3.
+
+    With `stride=None`: keep exactly the stage budget. The budget is split over a sample's images in
+    proportion to their present tokens (largest remainder, ties to the earlier image); each image then takes
+    the largest stride s whose grid `[::s, ::s]` holds at least its share k of present cells, and from
+    those m cells, in raster order, keeps the ones at indices `floor((j + 1/2)·m/k)` for j < k (evenly
+    spaced, centred). Deterministic.
+
+    Image i of a sample occupies ids `[offset_i, offset_i + rows_i·cols_i)` of the original image tokens,
+    in raster order, with images numbered one after another (`ctx.image_grids[b]`).
+    """
+
+    stride: int | None = 3
+
+    def __post_init__(self) -> None:
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1, or None to keep the stage budget, got {self.stride}")
+
+    def select(self, ctx: SelectionContext, budgets: list[int]) -> list[torch.Tensor]:
+        return [self._select_sample(ctx, b, budgets[b]) for b in range(ctx.batch_size)]
+
+    def _select_sample(self, ctx: SelectionContext, b: int, budget: int) -> torch.Tensor:
+        ids, grids = ctx.image_ids[b], ctx.image_grids[b]
+        total = sum(rows * cols for rows, cols in grids)
+        if total != ctx.n_original[b]:
+            raise ValueError(
+                f"sample {b}: image grids {grids} hold {total} tokens but the sample had "
+                f"{ctx.n_original[b]} image tokens; a uniform grid needs every image token on a grid"
+            )
+        present = torch.zeros(total, dtype=torch.bool, device=ids.device)
+        present[ids] = True
+        offsets = [sum(r * c for r, c in grids[:i]) for i in range(len(grids))]
+        images = list(zip(offsets, grids, strict=True))
+        if self.stride is not None:
+            parts = [off + _grid(r, c, self.stride, ids.device) for off, (r, c) in images]
+            parts = [cells[present[cells]] for cells in parts]
+        else:
+            if budget > ids.numel():
+                raise BudgetError(f"sample {b}: budget {budget} exceeds the {ids.numel()} image tokens left")
+            masks = [present[off : off + r * c].view(r, c) for off, (r, c) in images]
+            shares = _largest_remainder(budget, [int(m.sum()) for m in masks])
+            parts = [off + _spread(m, k) for (off, _), m, k in zip(images, masks, shares, strict=True)]
+        chosen = torch.cat([ids[:0], *parts])
+        return torch.searchsorted(ids, chosen).sort().values
+
+
+def _grid(rows: int, cols: int, stride: int, device: torch.device) -> torch.Tensor:
+    """Raster ids, within one rows×cols image, of the cells `[::stride, ::stride]`; ascending."""
+    r = torch.arange(0, rows, stride, device=device)
+    c = torch.arange(0, cols, stride, device=device)
+    return (r[:, None] * cols + c[None, :]).flatten()
+
+
+def _spread(present: torch.Tensor, k: int) -> torch.Tensor:
+    """k present cells of a (rows, cols) mask, spread evenly: raster ids, ascending."""
+    rows, cols = present.shape
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=present.device)
+    for stride in range(max(rows, cols), 0, -1):
+        cells = _grid(rows, cols, stride, present.device)
+        cells = cells[present.flatten()[cells]]
+        m = cells.numel()
+        if m >= k:
+            picks = [((2 * j + 1) * m) // (2 * k) for j in range(k)]
+            return cells[torch.tensor(picks, device=present.device)]
+    raise BudgetError(f"cannot keep {k} cells of an image with {int(present.sum())} present")
+
+
+def _largest_remainder(budget: int, counts: list[int]) -> list[int]:
+    """Split `budget` over images in proportion to `counts` (Hamilton's method; ties to the earlier image)."""
+    total = sum(counts)
+    if total == 0:
+        return [0] * len(counts)
+    shares = [budget * c // total for c in counts]
+    remainders = [budget * c % total for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-remainders[i], i))
+    for i in order[: budget - sum(shares)]:
+        shares[i] += 1
+    return shares

@@ -1,0 +1,34 @@
+"""The engine: installs a method on a model for the length of a `with` block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from vlmprune.adapters import get_adapter
+from vlmprune.engine.session import PruningSession
+from vlmprune.methods.base import Method
+from vlmprune.trace import Trace
+
+__all__ = ["PruningSession", "prune"]
+
+
+@contextmanager
+def prune(model: nn.Module, method: Method) -> Iterator[Trace]:
+    """Prunes image tokens with `method` in every forward pass of `model` inside the block.
+
+    Yields the `Trace` of the last prefill. Every hook is removed on exit, also when the block raises, so the
+    model is exactly as before outside the block.
+
+    Raises:
+        UnsupportedModelError: `model`'s family has no adapter (the message lists the supported ones).
+        LayerError: a stage's layer is beyond the language model's depth.
+    """
+    session = PruningSession(model, method, get_adapter(model))
+    session.install()
+    try:
+        yield session.trace
+    finally:
+        session.remove()

@@ -1,0 +1,99 @@
+"""Attention scores from a decoder layer's own queries and keys, computed only for the rows needed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmprune.adapters.base import ModelAdapter
+from vlmprune.criteria.base import QueryPolicy, SoftmaxDomain
+from vlmprune.engine.layout import Layout, gather_rows
+
+__all__ = ["AttentionProbe"]
+
+
+class AttentionProbe:
+    """The scoring layer's input, kept until the stage it scores for runs.
+
+    Holds references only; queries and keys are projected when a criterion asks, for the query rows and the
+    keys of the softmax domain, so no backend has to return attention weights.
+
+    Args:
+        hidden: (batch, n, hidden) the scoring layer's input hidden states.
+        layout: the rows `hidden` holds.
+        position_embeddings: (cos, sin), each (batch, n, head_dim), in effect at the scoring layer.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        layout: Layout,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        self.adapter = adapter
+        self.layer = layer
+        self.hidden = hidden
+        self.layout = layout
+        self.position_embeddings = position_embeddings
+
+    def __call__(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool) -> list[torch.Tensor]:
+        """Per sample, (n_image_b,) float32 attention received by each image row, in row order."""
+        layout, device = self.layout, self.hidden.device
+        image_cols = layout.image_columns()
+        query_cols, query_valid = self._query_rows(query, image_cols)
+        if softmax == "sequence":
+            n = layout.valid.shape[1]
+            key_cols = torch.arange(n, device=device).expand(len(image_cols), n)
+            key_valid = layout.valid
+        else:
+            key_cols, key_valid = _pad(image_cols, device)
+
+        q = self._project("q", query_cols, rope)  # (batch, heads, queries, head_dim)
+        k = self._project("k", key_cols, rope)  # (batch, heads, keys, head_dim)
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.scaling(self.layer)
+        allowed = key_valid[:, None, :] & (key_cols[:, None, :] <= query_cols[:, :, None])  # (batch, q, k)
+        if softmax == "none":
+            weights = logits.masked_fill(~allowed[:, None], 0.0)
+        else:
+            weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        weights = weights.mean(dim=1)  # over heads -> (batch, queries, keys)
+        # padding query rows see no key (their softmax is NaN): drop them before averaging over queries
+        weights = torch.where(query_valid[..., None], weights, 0.0).sum(dim=1)
+        weights = weights / query_valid.sum(dim=1, keepdim=True)
+        if softmax == "sequence":
+            padded_image_cols, _ = _pad(image_cols, device)
+            weights = torch.gather(weights, 1, padded_image_cols)
+        return [weights[b, : cols.numel()] for b, cols in enumerate(image_cols)]
+
+    def _query_rows(self, query: QueryPolicy, image_cols: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, queries) query rows and their validity."""
+        layout = self.layout
+        n = layout.valid.shape[1]
+        cols = torch.arange(n, device=layout.valid.device)
+        last = torch.where(layout.valid, cols, -1).max(dim=1).values
+        if query == "last":
+            return last[:, None], torch.ones_like(last[:, None], dtype=torch.bool)
+        rows = []
+        for b, image in enumerate(image_cols):
+            after = image.max() if image.numel() else -1
+            text = torch.nonzero(layout.valid[b] & (layout.image_id[b] < 0) & (cols > after)).flatten()
+            rows.append(text if text.numel() else last[b : b + 1])
+        return _pad(rows, layout.valid.device)
+
+    def _project(self, which: str, cols: torch.Tensor, rope: bool) -> torch.Tensor:
+        x = self.adapter.normed_input(self.layer, gather_rows(self.hidden, cols))
+        pe = tuple(gather_rows(t, cols) for t in self.position_embeddings) if rope else None
+        return self.adapter.project(self.layer, x, which, pe)
+
+
+def _pad(rows: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads per-sample index lists into (batch, max) indices (pad 0) and a validity mask."""
+    width = max(1, max(r.numel() for r in rows))
+    index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        index[b, : r.numel()] = r
+        valid[b, : r.numel()] = True
+    return index, valid

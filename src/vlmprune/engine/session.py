@@ -1,0 +1,354 @@
+"""The hooks that run a method's stages inside a model's forward pass."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmprune.adapters.base import ModelAdapter
+from vlmprune.criteria.base import SelectionContext
+from vlmprune.engine.layout import Layout, attention_mask_for, gather_rows
+from vlmprune.engine.probe import AttentionProbe
+from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
+from vlmprune.methods.base import Method
+from vlmprune.stage import Stage
+from vlmprune.trace import StageRecord, Trace
+
+__all__ = ["PruningSession"]
+
+
+@dataclass
+class _Prefill:
+    """State of one prefill and the decode steps that reuse its cache."""
+
+    layouts: list[Layout]  # layouts[0] is the original sequence, layouts[s + 1] the one after stage s
+    image_grids: list[list[tuple[int, int]]]
+    n_image: list[int]
+    length: int  # L, the prefill sequence length
+    cache: Any
+    full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    vision_features: torch.Tensor | None = None
+    probes: dict[int, AttentionProbe] = field(default_factory=dict)
+    generated: int = 0  # tokens fed after the prefill, the current step's included
+    step_mask: torch.Tensor | None = None  # (batch, generated) validity of those tokens
+    step_position_ids: torch.Tensor | None = None
+    step_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def current(self) -> Layout:
+        return self.layouts[-1]
+
+
+class PruningSession:
+    """Installs a method's stages on a model through forward pre-hooks, and removes them.
+
+    Prefill: a pre-hook on the multimodal module reads `input_ids`; one on the decoder stack finds the image
+    tokens and starts a prefill; one on each decoder layer keeps the scoring layer's input, applies a stage
+    when its layer comes (gathering the kept rows of the hidden states, positions and mask), and hands the
+    reduced rows' mask and position embeddings to every later layer. Decode: the layers of each stage get a
+    mask over their own (pruned) cache and, with renumbered positions, shifted positions.
+    """
+
+    def __init__(self, model: nn.Module, method: Method, adapter: ModelAdapter) -> None:
+        self.model = model
+        self.method = method
+        self.adapter = adapter
+        self.stages: list[Stage] = method.stages()
+        self.trace = Trace()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._input_ids: torch.Tensor | None = None
+        self._vision_features: torch.Tensor | None = None
+        self._run: _Prefill | None = None
+        self._validate()
+        depth = adapter.num_layers
+        self._stage_at_layer = {stage.layer: s for s, stage in enumerate(self.stages)}
+        self._scored_at_layer: dict[int, list[int]] = {}
+        for s, stage in enumerate(self.stages):
+            if stage.needs_attention:
+                self._scored_at_layer.setdefault(stage.scoring_layer, []).append(s)
+        # index of the layout each layer runs on (0 = the original sequence)
+        self._layout_of_layer = [sum(stage.layer <= i for stage in self.stages) for i in range(depth)]
+
+    # Installation ------------------------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        depth = self.adapter.num_layers
+        layers = [stage.layer for stage in self.stages]
+        if layers != sorted(set(layers)):
+            raise LayerError(f"stage layers must be strictly increasing, got {layers}")
+        for stage in self.stages:
+            if stage.layer >= depth:
+                raise LayerError(
+                    f"{type(self.method).__name__} prunes before layer {stage.layer}, but the language model "
+                    f"has {depth} layers (valid: 0 to {depth - 1})"
+                )
+        needs_vision = any("vision_features" in s.criterion.requires for s in self.stages)
+        if needs_vision and self.adapter.vision_feature_module is None:
+            raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
+
+    def install(self) -> None:
+        adapter = self.adapter
+        self._hook(adapter.multimodal_module, self._on_multimodal)
+        self._hook(adapter.text_model, self._on_text_model)
+        self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
+        if any("vision_features" in s.criterion.requires for s in self.stages):
+            self._hook(adapter.vision_feature_module, self._on_vision_features)
+        first = min(min(self._scored_at_layer, default=self.stages[0].layer), self.stages[0].layer)
+        for i in range(first, adapter.num_layers):
+            self._hook(adapter.layers[i], self._layer_hook(i))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._run = None
+        self._input_ids = None
+        self._vision_features = None
+
+    def _hook(self, module: nn.Module, fn: Any) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+
+    # Hooks -------------------------------------------------------------------------------------------------
+
+    def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    def _on_vision_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._vision_features = args[0] if args else next(iter(kwargs.values()))
+
+    def _on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise VlmpruneError("vlmprune expects the language model to receive inputs_embeds (a VLM forward)")
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        if past == 0:
+            self._start_prefill(embeds, kwargs, cache)
+            return None
+        run = self._run
+        if run is None or run.cache is not cache:
+            return None  # a cache vlmprune did not prune: run the model as it is
+        return args, self._start_decode_step(embeds, kwargs)
+
+    def _layer_hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            run = self._run
+            if run is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if run.generated:
+                return self._decode_layer(index, args, kwargs)
+            layout = run.current
+            if layout.is_original and run.full_position_embeddings is None:
+                cos, sin = kwargs["position_embeddings"]
+                batch = hidden.shape[0]
+                run.full_position_embeddings = (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+            in_effect = run.full_position_embeddings if layout.is_original else layout.position_embeddings
+            for s in self._scored_at_layer.get(index, ()):
+                run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, in_effect)
+            if index in self._stage_at_layer:
+                hidden = self._apply_stage(self._stage_at_layer[index], hidden)
+                layout = run.current
+            if layout.is_original:
+                return None
+            kwargs.update(
+                attention_mask=layout.mask,
+                position_embeddings=layout.position_embeddings,
+                position_ids=layout.position_ids,
+            )
+            if args:
+                return (hidden, *args[1:]), kwargs
+            kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _after_text_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        run = self._run
+        if run is None or run.generated:
+            return
+        counts = torch.stack([layout.real_tokens() for layout in run.layouts], dim=1)
+        image_counts = torch.stack([layout.image_tokens() for layout in run.layouts], dim=1)
+        per_layer = torch.tensor(self._layout_of_layer, device=counts.device)
+        self.trace.tokens_per_layer = counts[:, per_layer].cpu()
+        self.trace.image_tokens_per_layer = image_counts[:, per_layer].cpu()
+        self.trace.output_index = run.current.source.cpu()
+        run.probes.clear()
+        run.vision_features = None
+        if run.cache is None:
+            self._run = None  # no cache to decode from: every call is a prefill
+
+    # Prefill -----------------------------------------------------------------------------------------------
+
+    def _start_prefill(self, embeds: torch.Tensor, kwargs: dict, cache: Any) -> None:
+        self._run = None
+        input_ids = self._input_ids
+        batch, length = embeds.shape[:2]
+        if input_ids is None or tuple(input_ids.shape) != (batch, length):
+            raise VlmpruneError("vlmprune needs the prompt's input_ids (not only inputs_embeds) to find image tokens")
+        image_mask = self.adapter.image_token_mask(input_ids)
+        n_image = image_mask.sum(dim=1).tolist()
+        if min(n_image) == 0:
+            missing = [b for b, n in enumerate(n_image) if n == 0]
+            raise NoImageTokensError(
+                f"sample(s) {missing} of the batch have no image tokens; vlmprune prunes image tokens, so every "
+                "prompt needs an image (check that the processor inserted the image placeholder)"
+            )
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise VlmpruneError("vlmprune needs a 2-D (batch, seq) attention_mask, got a pre-built 4-D mask")
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        )
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = self.adapter.default_position_ids(batch, length, 0, embeds.device)
+        image_id = torch.where(image_mask, image_mask.long().cumsum(dim=1) - 1, -1)
+        original = Layout(
+            source=torch.arange(length, device=embeds.device).expand(batch, -1),
+            valid=valid,
+            image_id=image_id,
+            position_ids=position_ids.expand(*position_ids.shape[:-2], batch, length),
+        )
+        self.trace.reset()
+        self.trace.calls += 1
+        self.trace.image_tokens = n_image
+        self._run = _Prefill(
+            layouts=[original],
+            image_grids=self.adapter.image_grids(image_mask, kwargs),
+            n_image=n_image,
+            length=length,
+            cache=cache,
+            vision_features=self._vision_features,
+        )
+        self._vision_features = None
+
+    def _apply_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout."""
+        run, stage = self._run, self.stages[s]
+        layout = run.current
+        started = time.perf_counter()
+        image_cols = layout.image_columns()
+        image_ids = [layout.image_id[b, cols] for b, cols in enumerate(image_cols)]
+        budgets = [stage.budget.resolve(n, ids.numel()) for n, ids in zip(run.n_image, image_ids, strict=True)]
+        ctx = SelectionContext(
+            image_ids=image_ids,
+            image_grids=run.image_grids,
+            n_original=run.n_image,
+            stage_index=s,
+            attention_fn=run.probes.pop(s, None),
+            vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
+        )
+        picks = stage.criterion.select(ctx, budgets)
+        text = layout.valid & (layout.image_id < 0)
+        rows = [
+            torch.cat([torch.nonzero(text[b]).flatten(), image_cols[b][pick.to(image_cols[b].device)]]).sort().values
+            for b, pick in enumerate(picks)
+        ]
+        new, index = self._reduced_layout(layout, rows, stage, hidden)
+        run.layouts.append(new)
+        self.trace.stages.append(
+            StageRecord(
+                layer=stage.layer,
+                grid=run.image_grids[0][0],
+                kept=[ids[pick.to(ids.device)].sort().values.cpu() for ids, pick in zip(image_ids, picks, strict=True)],
+                image_grids=run.image_grids,
+                n_before=[int(ids.numel()) for ids in image_ids],
+                scoring_layer=stage.scoring_layer if stage.needs_attention else None,
+                seconds=time.perf_counter() - started,
+            )
+        )
+        return gather_rows(hidden, index)
+
+    def _reduced_layout(
+        self, layout: Layout, rows: list[torch.Tensor], stage: Stage, hidden: torch.Tensor
+    ) -> tuple[Layout, torch.Tensor]:
+        """The layout holding `rows` of `layout` per sample, left-padded, and its (batch, n) row index."""
+        run, device = self._run, layout.valid.device
+        batch, width = len(rows), max(r.numel() for r in rows)
+        index = torch.zeros(batch, width, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            index[b, width - r.numel() :] = r
+            valid[b, width - r.numel() :] = layout.valid[b, r]
+        source = torch.where(valid, torch.gather(layout.source, 1, index), -1)
+        image_id = torch.where(valid, torch.gather(layout.image_id, 1, index), -1)
+        original = run.layouts[0]
+        from_source = source.clamp(min=0)
+        if stage.positions == "original":
+            position_ids = gather_rows(original.position_ids, from_source, dim=original.position_ids.dim() - 1)
+            position_embeddings = tuple(gather_rows(t, from_source) for t in run.full_position_embeddings)
+            shift = None
+        else:
+            position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
+            shift = original.real_tokens() - valid.sum(dim=1)
+        config = self.adapter.text_config
+        reduced = Layout(
+            source=source,
+            valid=valid,
+            image_id=image_id,
+            position_ids=position_ids,
+            position_embeddings=position_embeddings,
+            mask=attention_mask_for(config, valid, width, hidden.dtype),
+            decode_shift=shift,
+        )
+        return reduced, index
+
+    def _vision_features_of(self, run: _Prefill) -> Any:
+        def features() -> list[torch.Tensor]:
+            return self.adapter.split_vision_features(run.vision_features, run.n_image)
+
+        return features
+
+    # Decode ------------------------------------------------------------------------------------------------
+
+    def _start_decode_step(self, embeds: torch.Tensor, kwargs: dict) -> dict:
+        run = self._run
+        batch, q = embeds.shape[:2]
+        past_generated = run.generated
+        run.generated += q
+        run.step_kwargs.clear()
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is not None:
+            run.step_mask = attention_mask[:, -run.generated :].bool()
+        else:
+            run.step_mask = torch.ones(batch, run.generated, dtype=torch.bool, device=embeds.device)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = self.adapter.default_position_ids(batch, q, run.length + past_generated, embeds.device)
+        run.step_position_ids = position_ids
+        kwargs["position_ids"] = position_ids
+        if self.stages[0].layer == 0:  # layer 0's cache is pruned: size the model's own mask to it
+            kwargs["attention_mask"] = torch.cat([run.layouts[1].valid, run.step_mask], dim=1)
+        return kwargs
+
+    def _decode_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        run = self._run
+        s = self._layout_of_layer[index]
+        if s == 0:
+            return None
+        if s not in run.step_kwargs:
+            layout = run.layouts[s]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            valid_keys = torch.cat([layout.valid, run.step_mask], dim=1)
+            step = {
+                "attention_mask": attention_mask_for(
+                    self.adapter.text_config, valid_keys, hidden.shape[1], hidden.dtype
+                )
+            }
+            if layout.decode_shift is not None:
+                shifted = run.step_position_ids - layout.decode_shift.view(
+                    -1, *([1] * (run.step_position_ids.dim() - 1))
+                )
+                step["position_ids"] = shifted
+                step["position_embeddings"] = self.adapter.position_embeddings(hidden, shifted)
+            run.step_kwargs[s] = step
+        kwargs.update(run.step_kwargs[s])
+        return args, kwargs

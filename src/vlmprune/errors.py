@@ -1,0 +1,36 @@
+"""Errors raised by vlmprune. Each names the bad value and what would be valid."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetError",
+    "LayerError",
+    "NoImageTokensError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "VlmpruneError",
+]
+
+
+class VlmpruneError(ValueError):
+    """Base class of every error vlmprune raises on bad input."""
+
+
+class UnknownMethodError(VlmpruneError):
+    """A method name or a method parameter that does not exist."""
+
+
+class UnsupportedModelError(VlmpruneError):
+    """A model family that has no adapter yet."""
+
+
+class LayerError(VlmpruneError):
+    """A pruning or scoring layer outside the language model's depth."""
+
+
+class BudgetError(VlmpruneError):
+    """A token budget that cannot be met (larger than the tokens there are, or negative)."""
+
+
+class NoImageTokensError(VlmpruneError):
+    """A prompt with no image tokens, so there is nothing to prune."""

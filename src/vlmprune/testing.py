@@ -1,0 +1,222 @@
+"""Tiny random-weight LLaVA models and processors, built locally with no network access.
+
+For tests, examples and benchmarks: `build_tiny_llava()` gives a ~9M-parameter LLaVA (CLIP tower of hidden
+64 and 2 layers at 336 px / patch 14, so 24x24 = 576 image tokens; a Llama with RoPE of hidden 128 and
+4 layers) and `build_tiny_processor()` a matching `LlavaProcessor` whose tokenizer is a word-level
+vocabulary of common English words. `save_tiny_llava(path)` writes both so that `from_pretrained(path)`
+loads them back offline, as it would a Hub checkpoint.
+
+The tokenizer's ids: `<unk>` 0, `<s>` 1, `</s>` 2, `<pad>` 3, `<image>` 4, then the words. The config's
+vocabulary size, `image_token_id`, and bos/eos/pad ids are taken from the tokenizer, so they always agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "LLAVA_CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "WORDS",
+    "build_tiny_llava",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+    "save_tiny_llava",
+    "tiny_llava_config",
+]
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
+
+# Lower-case words (the tokenizer lower-cases its input), the LLaVA-1.5 role names and punctuation that
+# the whitespace pre-tokenizer splits off as tokens of their own.
+_WORD_LIST = """
+    user assistant : . , ? ! ' " - ( ) / 0 1 2 3 4 5 6 7 8 9
+    the a an and or but not no yes of to in on at by for with from as is are was were be been being
+    this that these those it its there here what which who whom whose where when why how
+    i you he she we they me him her us them my your his our their
+    do does did have has had can could will would should may might must shall
+    image picture photo describe description detail details briefly show shows shown see look
+    color colour red green blue yellow black white orange purple brown gray grey pink
+    left right top bottom middle center front back behind above below under over near next
+    one two three four five six seven eight nine ten many few some all any each every
+    man woman person people child boy girl dog cat bird horse car bus train bike plane boat
+    tree sky road street building house table chair room window door water grass sun cloud
+    big small large little long short tall old new young good bad hot cold
+    sitting standing walking running holding wearing eating playing looking riding
+    count number text say says written sign answer question word words
+"""
+WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
+
+# LLaVA-1.5 conversation format, as in llava-hf's checkpoints: "USER: <image>\n{text} ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over `SPECIAL_TOKENS + WORDS`.
+
+    Lower-cases, splits on whitespace and punctuation, prepends `<s>`, pads on the left (as batched
+    generation needs). Unknown words map to `<unk>`.
+    """
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        add_bos_token=True,
+        model_max_length=4096,
+    )
+    return tokenizer
+
+
+def tiny_llava_config(
+    *,
+    text_layers: int = 4,
+    text_hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    image_size: int = 336,
+    patch_size: int = 14,
+    vocab_size: int | None = None,
+) -> LlavaConfig:
+    """A `LlavaConfig` with a CLIP vision tower and a Llama (RoPE, grouped-query attention) text model.
+
+    `vocab_size` defaults to the size of `build_tiny_tokenizer()`'s vocabulary; a larger value is allowed
+    (the extra rows are never produced by the tokenizer). Ids of `<image>`, bos, eos and pad come from
+    that tokenizer. Image features: layer -2 of the tower, CLS dropped ("default"), so one image is
+    `(image_size // patch_size) ** 2` tokens.
+    """
+    tokenizer = build_tiny_tokenizer()
+    n_vocab = len(tokenizer)
+    if vocab_size is None:
+        vocab_size = n_vocab
+    if vocab_size < n_vocab:
+        raise ValueError(f"vocab_size must be >= the tokenizer's {n_vocab} tokens, got {vocab_size}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 32),
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    n_patches = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=n_patches,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_tiny_llava(
+    config: LlavaConfig | None = None, *, attn_implementation: str = "sdpa", seed: int = 0
+) -> LlavaForConditionalGeneration:
+    """A random-weight `LlavaForConditionalGeneration` in eval mode; one `seed`, one set of weights."""
+    # a model keeps (and _from_config mutates) its config: copy it so models built from one config stay apart
+    config = tiny_llava_config() if config is None else copy.deepcopy(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    generation = model.generation_config
+    generation.bos_token_id = config.text_config.bos_token_id
+    generation.eos_token_id = config.text_config.eos_token_id
+    generation.pad_token_id = config.text_config.pad_token_id
+    return model.eval()
+
+
+def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
+    """A `LlavaProcessor` for `build_tiny_llava`: one `<image>` expands to `(image_size // patch_size)**2`."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tiny_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_llava(
+    path: str | os.PathLike[str],
+    *,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    **config_kwargs: int,
+) -> str:
+    """Write a tiny model and its processor to `path` with `save_pretrained`; returns the path as a string.
+
+    `config_kwargs` go to `tiny_llava_config`. The directory loads back offline with
+    `AutoProcessor.from_pretrained(path)` and `AutoModelForImageTextToText.from_pretrained(path)`.
+    """
+    path = os.fspath(path)
+    config = tiny_llava_config(**config_kwargs)
+    model = build_tiny_llava(config, attn_implementation=attn_implementation, seed=seed)
+    processor = build_tiny_processor(
+        image_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

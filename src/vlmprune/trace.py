@@ -1,0 +1,82 @@
+"""What a pruned call did: the kept tokens of each stage and the tokens each layer processed.
+
+Cost accounting, pictures and evaluation read the trace; none of them re-run selection logic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["StageRecord", "Trace"]
+
+
+@dataclass
+class StageRecord:
+    """One pruning stage of one prefill.
+
+    Attributes:
+        layer: 0-based index of the first decoder layer that runs on the reduced set (0 = before the LLM).
+        grid: (rows, cols) of the first image's token grid; `image_grids` has every image's.
+        kept: one sorted 1-D LongTensor per sample of indices into that sample's image tokens (raster order
+            of the original grid; with several images, the images' tokens are numbered one after another).
+            Counts may differ between samples.
+        image_grids: per sample, the (rows, cols) of each of its images, in prompt order.
+        n_before: per sample, image tokens present just before this stage.
+        scoring_layer: the decoder layer whose queries and keys scored the tokens (None if no LLM score).
+        seconds: wall-clock time spent scoring and choosing, without device synchronisation.
+    """
+
+    layer: int
+    grid: tuple[int, int]
+    kept: list[torch.Tensor]
+    image_grids: list[list[tuple[int, int]]]
+    n_before: list[int]
+    scoring_layer: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def n_kept(self) -> list[int]:
+        return [int(k.numel()) for k in self.kept]
+
+
+@dataclass
+class Trace:
+    """The record of the last prefill run inside a `vlmprune.prune` context.
+
+    Attributes:
+        stages: one `StageRecord` per pruning stage, in order.
+        image_tokens: per sample, image tokens before pruning.
+        tokens_per_layer: (batch, num_layers) LongTensor, the real (non-padding) tokens each decoder layer
+            processed in prefill.
+        image_tokens_per_layer: (batch, num_layers) LongTensor, the image tokens among them.
+        output_index: (batch, seq_out) LongTensor mapping each row of the language model's output sequence
+            to its column in the input sequence (-1 for padding). Pruned calls return fewer rows than the
+            input had; the last row is always each sample's last token.
+        calls: number of prefills traced since the context was entered.
+    """
+
+    stages: list[StageRecord] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)
+    tokens_per_layer: torch.Tensor | None = None
+    image_tokens_per_layer: torch.Tensor | None = None
+    output_index: torch.Tensor | None = None
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.stages = []
+        self.image_tokens = []
+        self.tokens_per_layer = None
+        self.image_tokens_per_layer = None
+        self.output_index = None
+
+    def summary(self) -> str:
+        """One line per stage: layer and kept tokens per sample."""
+        if not self.stages:
+            return "no pruning stage ran"
+        lines = []
+        for i, stage in enumerate(self.stages):
+            counts = ", ".join(f"{k}/{n}" for k, n in zip(stage.n_kept, stage.n_before, strict=True))
+            lines.append(f"stage {i}: before layer {stage.layer}, kept {counts} image tokens")
+        return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""An independent reference for pruned runs: the unpruned model with the dropped tokens masked out.
+
+It never gathers rows or touches the cache: every layer runs on the whole sequence, and from each stage's
+layer on the tokens that stage dropped are hidden from every query by the attention mask. With renumbered
+positions, the tokens still alive at a layer get positions 0, 1, 2, ... in order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmprune.adapters import get_adapter
+from vlmprune.trace import Trace
+
+
+def alive_per_layer(model, input_ids, attention_mask, trace: Trace) -> list[torch.Tensor]:
+    """Per decoder layer, (batch, seq) bool: tokens not padding and not dropped by a stage at or before it."""
+    adapter = get_adapter(model)
+    image = adapter.image_token_mask(input_ids)
+    image_id = torch.where(image, image.long().cumsum(1) - 1, -1)
+    valid = attention_mask.bool()
+    alive, current = [], valid.clone()
+    stages = {stage.layer: stage for stage in trace.stages}
+    for layer in range(adapter.num_layers):
+        if layer in stages:
+            current = valid.clone()
+            for b, kept in enumerate(stages[layer].kept):
+                keep_image = torch.zeros(int(image[b].sum()), dtype=torch.bool)
+                keep_image[kept] = True
+                current[b] &= ~image[b] | keep_image[image_id[b].clamp(min=0)]
+        alive.append(current.clone())
+    return alive
+
+
+def _install(model, alive: list[torch.Tensor], renumber: list[bool], position_ids: torch.Tensor):
+    adapter = get_adapter(model)
+    eager = adapter.text_config._attn_implementation == "eager"
+    handles = []
+    for i, layer in enumerate(adapter.layers):
+        keys = alive[i]
+        if bool(keys.all()) and not renumber[i]:
+            continue
+
+        def hook(module, args, kwargs, keys=keys, renumber=renumber[i]):
+            hidden = args[0]
+            batch, n = hidden.shape[:2]
+            k = torch.cat([keys, torch.ones(batch, n - keys.shape[1], dtype=torch.bool)], dim=1)
+            causal = torch.ones(n, n, dtype=torch.bool).tril()
+            allowed = (causal[None] & k[:, None, :]) | torch.eye(n, dtype=torch.bool)[None]
+            mask = allowed[:, None]
+            if eager:
+                mask = torch.where(mask, 0.0, torch.finfo(hidden.dtype).min).to(hidden.dtype)
+            kwargs["attention_mask"] = mask
+            if renumber:
+                positions = (k.long().cumsum(1) - 1).clamp(min=0)
+                kwargs["position_embeddings"] = adapter.position_embeddings(hidden, positions)
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` derives them from a left-padded mask."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) -> torch.Tensor:
+    """(batch, seq, vocab) logits of the masked unpruned model, with the kept sets of `trace`."""
+    alive = alive_per_layer(model, inputs["input_ids"], inputs["attention_mask"], trace)
+    position_ids = positions_from_mask(inputs["attention_mask"])
+    handles = _install(model, alive, renumber, position_ids)
+    try:
+        return model(**inputs, position_ids=position_ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], new_tokens: int) -> torch.Tensor:
+    """(batch, new_tokens) greedy continuation of the masked unpruned model, recomputed from scratch each step."""
+    alive = alive_per_layer(model, inputs["input_ids"], inputs["attention_mask"], trace)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    out = []
+    for _ in range(new_tokens):
+        handles = _install(model, alive, renumber, positions_from_mask(mask))
+        try:
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask),
+                use_cache=False,
+                **extra,
+            ).logits
+        finally:
+            for h in handles:
+                h.remove()
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(token)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+    return torch.cat(out, dim=1)

@@ -1,0 +1,173 @@
+"""The engine against independent references, on a tiny random LLaVA (6 layers, 12 x 12 image grid)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmprune
+from oracle import reference_greedy, reference_logits
+from vlmprune.methods import METHODS
+
+# Every registered method, with parameters that fit a 6-layer model; extra rows cover policy variants.
+METHOD_CASES = {
+    "fastv": ("fastv", {}),
+    "fastv-text-mean-renumbered": (
+        "fastv",
+        {"layer": 3, "ratio": 0.75, "query": "text_mean", "positions": "renumbered"},
+    ),
+    "fastv-no-rope-image-softmax": ("fastv", {"rope": False, "softmax": "image"}),
+    "fastv-layer0-scored-after": ("fastv", {"layer": 0, "scoring": "after"}),
+    "pdrop": ("pdrop", {"layers": (2, 3, 5)}),
+    "pdrop-original-positions": ("pdrop", {"layers": (1, 4), "positions": "original", "scoring": "before"}),
+    "feather": ("feather", {"layers": (2, 4)}),
+    "feather-top-up": ("feather", {"layers": (2, 4), "top_up": True}),
+    "random": ("random", {}),
+    "uniform": ("uniform", {"layer": 2}),
+    "knn": ("knn", {"layer": 2}),
+}
+assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
+
+PROMPTS = ["what is the color of the large object on the left", "where is the cat"]
+
+
+def renumber_flags(method, depth: int) -> list[bool]:
+    flags, current = [], False
+    stages = {s.layer: s for s in method.stages()}
+    for layer in range(depth):
+        if layer in stages:
+            current = stages[layer].positions == "renumbered"
+        flags.append(current)
+    return flags
+
+
+def positions(inputs):
+    return (inputs["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_pruned_forward_equals_masked_reference(models, make_inputs, backend, case):
+    model = models[backend]
+    name, params = METHOD_CASES[case]
+    method = vlmprune.build_method(name, **params)
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        logits = model(**inputs, position_ids=positions(inputs)).logits
+    assert len(trace.stages) == len(method.stages())
+    reference = reference_logits(model, inputs, trace, renumber_flags(method, len(trace.tokens_per_layer[0])))
+    rows = trace.output_index
+    for b in range(rows.shape[0]):
+        real = rows[b] >= 0
+        torch.testing.assert_close(logits[b, real], reference[b, rows[b, real]], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_greedy_generation_equals_masked_reference(models, make_inputs, backend, case):
+    model = models[backend]
+    name, params = METHOD_CASES[case]
+    method = vlmprune.build_method(name, **params)
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    expected = reference_greedy(
+        model, inputs, trace, renumber_flags(method, model.config.text_config.num_hidden_layers), 8
+    )
+    assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_padded_batch_equals_samples_run_alone(models, make_inputs, case):
+    model = models["sdpa"]
+    name, params = METHOD_CASES[case]
+    method = vlmprune.build_method(name, **params)
+    batch = make_inputs(PROMPTS, seeds=[0, 1])
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        together = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1] :]
+        kept_together = [[k.tolist() for k in stage.kept] for stage in trace.stages]
+        for b, (prompt, seed) in enumerate(zip(PROMPTS, [0, 1], strict=True)):
+            single = make_inputs([prompt], seeds=[seed])
+            alone = model.generate(**single, max_new_tokens=8, do_sample=False)[:, single["input_ids"].shape[1] :]
+            assert torch.equal(together[b], alone[0]), f"sample {b} differs"
+            assert [stage.kept[0].tolist() for stage in trace.stages] == [k[b] for k in kept_together]
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_keeping_every_token_changes_nothing(models, make_inputs, backend):
+    model = models[backend]
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        expected_tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        for method in (
+            vlmprune.build_method("fastv", ratio=0.0),
+            vlmprune.build_method("pdrop", layers=(1, 3), keep=(1.0, 1.0), positions="original"),
+        ):
+            with vlmprune.prune(model, method) as trace:
+                logits = model(**inputs).logits
+                tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            assert all(k == n for s in trace.stages for k, n in zip(s.n_kept, s.n_before, strict=True))
+            real = inputs["attention_mask"].bool()
+            torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+            assert torch.equal(tokens, expected_tokens)
+
+
+def test_fastv_keeps_the_top_tokens_of_the_eager_attention_map(models, make_inputs):
+    """FastV as originally written: layer K-1's attention weights, head mean, last row, top-k image columns."""
+    model = models["eager"]
+    inputs = make_inputs(PROMPTS[:1])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+        image = inputs["input_ids"][0] == model.config.image_token_id
+        for layer, ratio, scoring in ((2, 0.5, "before"), (3, 0.75, "before"), (2, 0.5, "after")):
+            scoring_layer = layer - 1 if scoring == "before" else layer
+            scores = attentions[scoring_layer][0].mean(0)[-1, image]
+            expected = torch.topk(scores, int(image.sum() * (1 - ratio))).indices.sort().values
+            method = vlmprune.build_method("fastv", layer=layer, ratio=ratio, scoring=scoring)
+            with vlmprune.prune(model, method) as trace:
+                model(**inputs)
+            assert torch.equal(trace.stages[0].kept[0], expected)
+
+
+def test_trace_counts_tokens_per_layer(models, make_inputs):
+    model = models["sdpa"]
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("pdrop", layers=(2, 3, 5))) as trace:
+        model(**inputs)
+    real = inputs["attention_mask"].sum(1)
+    text = real - 144
+    assert trace.image_tokens == [144, 144]
+    expected_image = torch.tensor([144, 144, 72, 36, 36, 18])
+    assert torch.equal(trace.image_tokens_per_layer, expected_image.expand(2, -1))
+    assert torch.equal(trace.tokens_per_layer, text[:, None] + expected_image)
+    assert trace.stages[0].grid == (12, 12)
+    assert [s.layer for s in trace.stages] == [2, 3, 5]
+    assert all(torch.all(k[1:] > k[:-1]) for s in trace.stages for k in s.kept)
+
+
+def test_feather_counts_may_differ_between_samples(models, make_inputs):
+    model = models["sdpa"]
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("feather", layers=(2, 4))) as trace:
+        model(**inputs)
+    first = trace.stages[0]
+    grid = {r * 12 + c for r in range(0, 12, 3) for c in range(0, 12, 3)}
+    for kept in first.kept:
+        assert grid <= set(kept.tolist())
+        assert int(144 * 0.3) <= kept.numel() <= int(144 * 0.3) + len(grid)
+    second = trace.stages[1]
+    assert second.n_kept == [int(n * 0.09 + 1e-6) for n in first.n_kept]
+
+
+def test_several_images_in_one_prompt(models, processor):
+    from conftest import random_image
+
+    model = models["sdpa"]
+    text = ["USER: <image>\n<image>\ncompare the two pictures ASSISTANT:"]
+    inputs = dict(processor(images=[[random_image(0), random_image(1)]], text=text, return_tensors="pt"))
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("fastv", ratio=0.75)) as trace:
+        model(**inputs)
+    stage = trace.stages[0]
+    assert stage.image_grids == [[(12, 12), (12, 12)]]
+    assert stage.n_before == [288] and stage.n_kept == [72]
