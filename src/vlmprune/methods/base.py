@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
+from vlmprune.budget import Keep
+from vlmprune.criteria.base import Criterion
 from vlmprune.stage import Stage
 
-__all__ = ["Method"]
+__all__ = ["Method", "OneStageMethod"]
 
 
 class Method(ABC):
@@ -23,3 +26,41 @@ class Method(ABC):
     @abstractmethod
     def stages(self) -> list[Stage]:
         """The pruning stages, in increasing layer order."""
+
+
+@dataclass
+class OneStageMethod(Method):
+    """A method that prunes once, before `layer`, keeping `1 - ratio` of the original image tokens.
+
+    Subclasses redeclare fields to change defaults, add their own, and say which criterion scores.
+    """
+
+    layer: int = 2
+    ratio: float = 0.5  # fraction of the image tokens dropped (FastV's R)
+    positions: Literal["original", "renumbered"] = "original"
+
+    #: which layer's q/k score, for criteria that need LLM attention (see `Stage.scoring`)
+    scoring: ClassVar[Literal["before", "after"]] = "before"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio (fraction of image tokens dropped) must be in [0, 1), got {self.ratio}")
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0 (0 = before the LLM), got {self.layer}")
+        if self.positions not in ("original", "renumbered"):
+            raise ValueError(f"positions must be 'original' or 'renumbered', got {self.positions!r}")
+
+    @abstractmethod
+    def criterion(self) -> Criterion:
+        """What chooses the kept tokens."""
+
+    def stages(self) -> list[Stage]:
+        return [
+            Stage(
+                layer=self.layer,
+                criterion=self.criterion(),
+                budget=Keep.fraction_of_original(1.0 - self.ratio),
+                scoring=self.scoring,
+                positions=self.positions,
+            )
+        ]
