@@ -71,6 +71,30 @@ class Trace:
         self.image_tokens_per_layer = None
         self.output_index = None
 
+    def to_dict(self) -> dict:
+        """A JSON-ready copy: per stage the layer, grids and kept indices; per sample the tokens per layer."""
+
+        def listed(tensor: torch.Tensor | None) -> list | None:
+            return None if tensor is None else tensor.tolist()
+
+        return {
+            "stages": [
+                {
+                    "layer": s.layer,
+                    "grid": list(s.grid),
+                    "image_grids": [[list(g) for g in grids] for grids in s.image_grids],
+                    "kept": [k.tolist() for k in s.kept],
+                    "n_before": s.n_before,
+                    "scoring_layer": s.scoring_layer,
+                    "seconds": s.seconds,
+                }
+                for s in self.stages
+            ],
+            "image_tokens": self.image_tokens,
+            "tokens_per_layer": listed(self.tokens_per_layer),
+            "image_tokens_per_layer": listed(self.image_tokens_per_layer),
+        }
+
     def summary(self) -> str:
         """One line per stage: layer and kept tokens per sample."""
         if not self.stages:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import warnings
 
@@ -52,6 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="sdpa",
         help="attention implementation (default: sdpa)",
     )
+    parser.add_argument(
+        "--save-trace", metavar="FILE", help="write the trace as JSON (kept tokens per stage, tokens per layer)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -90,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
             print("no pruning")
     else:
         print(trace.summary())
+        if args.save_trace:
+            with open(args.save_trace, "w") as handle:
+                json.dump(trace.to_dict(), handle)
+            print(f"trace written to {args.save_trace}")
     return 0
 
 

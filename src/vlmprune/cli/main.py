@@ -17,7 +17,7 @@ from vlmprune.errors import VlmpruneError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
-SUBCOMMANDS: tuple[str, ...] = ("methods", "generate")
+SUBCOMMANDS: tuple[str, ...] = ("methods", "generate", "flops")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,13 @@ class Criterion(ABC):
         grid with a stride, an ensemble without top-up) may keep a different number.
         """
 
+    def expected_count(self, budget: int, n_present: int, n_original: int, grids: list[tuple[int, int]]) -> float:
+        """Tokens this criterion is expected to keep, without running it (for cost projections).
+
+        Criteria that keep exactly the budget need not override this.
+        """
+        return float(budget)
+
     def ranking(self, ctx: SelectionContext) -> list[torch.Tensor] | None:
         """Per sample, all positions from most to least worth keeping, or None if the criterion has no order."""
         return None

@@ -54,5 +54,18 @@ class Ensemble(Criterion):
             filled.append(union)
         return filled
 
+    def expected_count(self, budget: int, n_present: int, n_original: int, grids: list[tuple[int, int]]) -> float:
+        """The members' counts if filled up; otherwise the union's size with the members' picks independent.
+
+        FEATHER on 729 tokens at R=0.7: 218 by attention ∪ 81 on the grid ≈ 275 (the paper reports ≈270).
+        """
+        counts = [m.expected_count(budget, n_present, n_original, grids) for m in self.members]
+        if self.top_up:
+            return float(min(sum(counts), n_present))
+        missed = 1.0
+        for count in counts:
+            missed *= 1.0 - count / n_present
+        return n_present * (1.0 - missed)
+
     def ranking(self, ctx: SelectionContext) -> list[torch.Tensor] | None:
         return next((r for r in (m.ranking(ctx) for m in self.members) if r is not None), None)

@@ -37,6 +37,13 @@ class Uniform(Criterion):
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, or None to keep the stage budget, got {self.stride}")
 
+    def expected_count(self, budget: int, n_present: int, n_original: int, grids: list[tuple[int, int]]) -> float:
+        """The grid's cells still present, if the tokens pruned so far were spread evenly over the image."""
+        if self.stride is None:
+            return float(budget)
+        cells = sum(-(-rows // self.stride) * -(-cols // self.stride) for rows, cols in grids)
+        return cells * n_present / n_original
+
     def select(self, ctx: SelectionContext, budgets: list[int]) -> list[torch.Tensor]:
         return [self._select_sample(ctx, b, budgets[b]) for b in range(ctx.batch_size)]
 

@@ -1,0 +1,141 @@
+"""Model shapes for cost accounting: the dimensions that FLOPs and KV-cache size depend on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vlmprune.errors import VlmpruneError
+
+__all__ = ["SHAPES", "ModelShape", "VisionShape", "get_shape", "shape_from_config"]
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """A ViT vision tower and its projector.
+
+    Attributes:
+        tokens: tokens the tower runs on per image (LLaVA's CLIP: 576 patches + [CLS]).
+        projector: (in, out) of each linear layer of the projector, applied to the image tokens the LLM gets.
+    """
+
+    hidden: int
+    intermediate: int
+    layers: int
+    tokens: int
+    projector: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A VLM's dimensions.
+
+    Attributes:
+        hidden, intermediate, layers: the language model's d, m and depth.
+        heads, kv_heads, head_dim: attention heads; kv_heads < heads is grouped-query attention.
+        vocab: LM-head rows.
+        mlp_projections: linear layers in one MLP block (3 for SwiGLU/LLaMA, 2 for a GELU MLP).
+        image_tokens: image tokens per prompt reaching the LLM by default.
+        grid: (rows, cols) of one image's token grid, for methods that sample a grid.
+        images: images per prompt (LLaVA-NeXT's crops count as images).
+        vision: the vision tower, or None to leave it out of the exact count.
+    """
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    image_tokens: int
+    grid: tuple[int, int]
+    images: int = 1
+    mlp_projections: int = 3
+    head_dim: int = 0
+    vision: VisionShape | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    def with_image_tokens(self, image_tokens: int) -> ModelShape:
+        return replace(self, image_tokens=image_tokens)
+
+
+_CLIP_L_336 = VisionShape(hidden=1024, intermediate=4096, layers=23, tokens=577, projector=((1024, 4096), (4096, 4096)))
+_CLIP_L_336_13B = replace(_CLIP_L_336, projector=((1024, 5120), (5120, 5120)))
+_SIGLIP_SO400M = VisionShape(
+    hidden=1152, intermediate=4304, layers=27, tokens=729, projector=((1152, 4096), (4096, 4096))
+)
+_QWEN25_VIT = VisionShape(
+    hidden=1280, intermediate=3420, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
+)
+
+SHAPES: dict[str, ModelShape] = {
+    shape.name: shape
+    for shape in (
+        # Vicuna-7B + CLIP ViT-L/14-336 (features from layer -2, so 23 of its 24 layers run) + 2-layer MLP
+        ModelShape("llava-1.5-7b", 4096, 11008, 32, 32, 32, 32064, 576, (24, 24), vision=_CLIP_L_336),
+        ModelShape("llava-1.5-13b", 5120, 13824, 40, 40, 40, 32064, 576, (24, 24), vision=_CLIP_L_336_13B),
+        # anyres at 672x672: base image + 2x2 crops, 5 x 576 tokens (the PyramidDrop/VisPruner accounting)
+        ModelShape("llava-next-7b", 4096, 11008, 32, 32, 32, 32064, 2880, (24, 24), images=5, vision=_CLIP_L_336),
+        # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
+        ModelShape("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT),
+        # FEATHER's model: Llama-2-7B + SigLIP SO400M (27 x 27 = 729 tokens, no [CLS]) + GELU MLP
+        ModelShape("prismatic-7b", 4096, 11008, 32, 32, 32, 32000, 729, (27, 27), vision=_SIGLIP_SO400M),
+        # the CPU benchmark's LLaVA-1.5 layout (576 tokens, 32 layers) with a narrow LLM and a tiny tower
+        ModelShape(
+            "llava-cpu-mid",
+            512,
+            1376,
+            32,
+            8,
+            8,
+            228,
+            576,
+            (24, 24),
+            vision=VisionShape(64, 256, 1, 577, ((64, 512), (512, 512))),
+        ),
+    )
+}
+
+
+def get_shape(name: str) -> ModelShape:
+    """A named shape; raises naming the known ones."""
+    if name not in SHAPES:
+        raise VlmpruneError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)} (or give a config file)")
+    return SHAPES[name]
+
+
+def shape_from_config(config: Any, name: str = "config") -> ModelShape:
+    """The shape of a transformers LLaVA-style config (`text_config` + `vision_config`)."""
+    text = getattr(config, "text_config", None)
+    vision = getattr(config, "vision_config", None)
+    if text is None or vision is None:
+        raise VlmpruneError(f"{name}: expected a VLM config with text_config and vision_config")
+    heads = text.num_attention_heads
+    side = vision.image_size // vision.patch_size
+    feature_layer = getattr(config, "vision_feature_layer", -1)
+    vision_layers = vision.num_hidden_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
+    hidden = text.hidden_size
+    projector_hidden = getattr(config, "projector_hidden_size", None) or hidden
+    return ModelShape(
+        name=name,
+        hidden=hidden,
+        intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        vocab=text.vocab_size,
+        image_tokens=side * side,
+        grid=(side, side),
+        head_dim=getattr(text, "head_dim", None) or hidden // heads,
+        vision=VisionShape(
+            hidden=vision.hidden_size,
+            intermediate=vision.intermediate_size,
+            layers=vision_layers,
+            tokens=side * side + 1,
+            projector=((vision.hidden_size, projector_hidden), (projector_hidden, hidden)),
+        ),
+    )

@@ -1,0 +1,139 @@
+"""The cost model reproduces the papers' published FLOPs figures, and agrees with what a traced run did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vlmprune
+from vlmprune.cli.main import main
+from vlmprune.cost import TokenSchedule, estimate, get_shape, kv_cache_bytes, prefill_flops, shape_from_config
+
+LLAVA, PRISMATIC = get_shape("llava-1.5-7b"), get_shape("prismatic-7b")
+
+
+def cost_of(shape, method_name, formula, text_tokens=0, **params):
+    method = vlmprune.build_method(method_name, **params)
+    return estimate(shape, TokenSchedule.from_method(method, shape, text_tokens), formula)
+
+
+@pytest.mark.parametrize(
+    ("layer", "ratio", "published"),
+    [(2, 0.50, 0.55), (2, 0.75, 0.33), (3, 0.50, 0.57)],
+)
+def test_fastv_paper_flops_ratios_on_llava_7b_with_35_text_tokens(layer, ratio, published):
+    report = cost_of(LLAVA, "fastv", "paper", text_tokens=35, layer=layer, ratio=ratio)
+    assert round(report.ratio, 2) == published
+
+
+def test_pyramid_drop_paper_tflops_on_llava_7b():
+    pdrop = cost_of(LLAVA, "pdrop", "paper-3ndm")
+    assert round(pdrop.baseline_prefill_flops / 1e12, 2) == 3.82
+    assert round(pdrop.prefill_flops / 1e12, 2) == 1.78
+    fastv = cost_of(LLAVA, "fastv", "paper-3ndm")  # PyramidDrop's FastV row (K=2, R=50%)
+    assert round(fastv.prefill_flops / 1e12, 2) == 2.01
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "published"),
+    [
+        ("fastv", {"layer": 3, "ratio": 0.75}, 0.68),
+        ("fastv", {"layer": 8, "ratio": 0.75}, 0.56),
+        ("feather", {}, 0.64),
+    ],
+)
+def test_feather_paper_reductions_on_prismatic_7b(method, params, published):
+    report = cost_of(PRISMATIC, method, "paper", **params)
+    assert abs(report.reduction - published) < 0.01  # the paper truncates: 68.6% -> 68%, 56.8% -> 56%
+
+
+def test_feather_projected_counts_match_the_paper():
+    """≈270 tokens after layer 8 (218 ∪ 81 with their overlap), 24 (3.3%) after layer 16."""
+    schedule = TokenSchedule.from_method(vlmprune.build_method("feather"), PRISMATIC)
+    assert 265 < schedule.image_tokens[8] < 280
+    assert schedule.image_tokens[16] == 24
+
+
+def test_exact_count_adds_the_encoder_and_head_and_grows_with_gqa_savings():
+    schedule = TokenSchedule.unpruned(LLAVA, 35)
+    exact, paper = prefill_flops(LLAVA, schedule, "exact"), prefill_flops(LLAVA, schedule, "paper-3ndm")
+    assert exact > paper  # vision tower, projector and LM head on top of the decoder layers
+    grouped = get_shape("qwen2.5-vl-7b")
+    full_heads = type(grouped)(**{**grouped.__dict__, "kv_heads": grouped.heads})
+    qwen = TokenSchedule.unpruned(grouped)
+    assert prefill_flops(grouped, qwen, "exact") < prefill_flops(full_heads, qwen, "exact")
+    assert kv_cache_bytes(grouped, qwen) * 7 == kv_cache_bytes(full_heads, qwen)
+
+
+def test_schedule_parses_counts_from_each_layer_on():
+    schedule = TokenSchedule.parse("576@0,288@8,144@16", 32, text_tokens=35)
+    assert (
+        schedule.image_tokens[:8] == (576.0,) * 8
+        and schedule.image_tokens[8] == 288
+        and schedule.image_tokens[31] == 144
+    )
+    assert schedule.tokens(20) == 179
+    with pytest.raises(vlmprune.VlmpruneError, match="starts at layer 0"):
+        TokenSchedule.parse("288@8", 32)
+    with pytest.raises(vlmprune.LayerError, match="at layer 40"):
+        TokenSchedule.parse("576@0,288@40", 32)
+
+
+def test_trace_schedule_equals_the_projected_one_for_fixed_budgets(models, make_inputs):
+    model = models["sdpa"]
+    method = vlmprune.build_method("pdrop", layers=(2, 3, 5))
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        model(**make_inputs(["what is this", "where is the cat on the mat"]))
+    shape = shape_from_config(model.config)
+    traced = TokenSchedule.from_trace(trace)
+    projected = TokenSchedule.from_method(method, shape, traced.text_tokens)
+    assert traced.image_tokens == projected.image_tokens
+    assert estimate(shape, traced, "exact").ratio == pytest.approx(estimate(shape, projected, "exact").ratio)
+
+
+def test_flops_command_prints_json_with_the_ratio(capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--method", "fastv", "--text-tokens", "35", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"baseline_prefill_flops", "prefill_flops", "ratio"} <= set(data)
+    assert round(data["ratio"], 2) == 0.55
+    assert set(data["counts"]) == {"paper", "paper-3ndm", "exact"}
+
+
+def test_flops_command_takes_a_schedule_a_config_and_a_trace(capsys, tmp_path, tiny_config):
+    assert (
+        main(
+            [
+                "flops",
+                "--model",
+                "llava-1.5-7b",
+                "--schedule",
+                "576@0,288@8,144@16,72@24",
+                "--formula",
+                "paper-3ndm",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert round(json.loads(capsys.readouterr().out)["prefill_flops"] / 1e12, 2) == 1.78
+    config_file = tmp_path / "config.json"
+    config_file.write_text(tiny_config.to_json_string())
+    assert main(["flops", "--model", str(config_file), "--method", "fastv"]) == 0
+    assert "144 image tokens" in capsys.readouterr().out
+    trace_file = tmp_path / "trace.json"
+    trace_file.write_text(
+        json.dumps({"image_tokens_per_layer": [[144] * 2 + [72] * 4], "tokens_per_layer": [[160] * 2 + [88] * 4]})
+    )
+    assert main(["flops", "--model", str(config_file), "--trace", str(trace_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text_tokens"] == 16
+
+
+def test_flops_command_reports_bad_input_in_one_line(capsys):
+    assert main(["flops", "--model", "llava-9b", "--method", "fastv"]) == 2
+    assert "neither a known shape" in capsys.readouterr().err
+    assert main(["flops", "--model", "llava-1.5-7b", "--method", "fastv", "--param", "layer=40"]) == 2
+    assert "has 32 layers" in capsys.readouterr().err
+    assert main(["flops", "--model", "llava-1.5-7b", "--schedule", "576@0,oops"]) == 2
+    assert "COUNT@LAYER" in capsys.readouterr().err
