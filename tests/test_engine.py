@@ -171,3 +171,20 @@ def test_several_images_in_one_prompt(models, processor):
     stage = trace.stages[0]
     assert stage.image_grids == [[(12, 12), (12, 12)]]
     assert stage.n_before == [288] and stage.n_kept == [72]
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [{}, {"query": "text_mean"}, {"softmax": "image", "rope": False}, {"softmax": "none"}, {"scoring": "after"}],
+)
+def test_scores_from_query_rows_equal_scores_from_the_whole_attention_map(models, make_inputs, policy):
+    model, inputs = models["sdpa"], make_inputs(PROMPTS)
+    kept = []
+    for full_map in (False, True):
+        with (
+            torch.no_grad(),
+            vlmprune.prune(model, vlmprune.build_method("fastv", full_map=full_map, **policy)) as trace,
+        ):
+            model(**inputs)
+        kept.append([k.tolist() for k in trace.stages[0].kept])
+    assert kept[0] == kept[1]

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vlmprune.cost.shapes import ModelShape
+
 __all__ = [
     "IMAGE_TOKEN",
     "LLAVA_CHAT_TEMPLATE",
@@ -35,6 +37,7 @@ __all__ = [
     "build_tiny_llava",
     "build_tiny_processor",
     "build_tiny_tokenizer",
+    "llava_config_for_shape",
     "save_tiny_llava",
     "tiny_llava_config",
 ]
@@ -220,3 +223,25 @@ def save_tiny_llava(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def llava_config_for_shape(shape: ModelShape) -> LlavaConfig:
+    """A `tiny_llava_config` with `shape`'s dimensions (LLaVA layout: square grid, patch 14, CLIP tower).
+
+    For benchmarks of real model sizes with random weights; the vocabulary is the tiny tokenizer's, grown to
+    the shape's so the LM head costs what it does in the real model.
+    """
+    if shape.vision is None or shape.images != 1 or shape.grid[0] != shape.grid[1]:
+        raise ValueError(f"{shape.name} is not a one-image LLaVA layout with a square grid")
+    return tiny_llava_config(
+        text_layers=shape.layers,
+        text_hidden=shape.hidden,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        intermediate=shape.intermediate,
+        vision_hidden=shape.vision.hidden,
+        vision_layers=shape.vision.layers + 1,  # features come from layer -2: the last layer is not run
+        image_size=shape.grid[0] * 14,
+        patch_size=14,
+        vocab_size=max(shape.vocab, len(build_tiny_tokenizer())),
+    )

@@ -25,7 +25,8 @@ class StageRecord:
         image_grids: per sample, the (rows, cols) of each of its images, in prompt order.
         n_before: per sample, image tokens present just before this stage.
         scoring_layer: the decoder layer whose queries and keys scored the tokens (None if no LLM score).
-        seconds: wall-clock time spent scoring and choosing, without device synchronisation.
+        seconds: wall-clock time spent scoring, choosing and gathering the kept rows (synchronised with the GPU
+            only under `prune(..., synchronize=True)`).
     """
 
     layer: int

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
+import warnings
 
-__all__ = ["CommandError", "parse_params"]
+from vlmprune.errors import VlmpruneError
+
+__all__ = ["CommandError", "load_model", "method_or_none", "parse_params"]
 
 
 class CommandError(Exception):
@@ -28,3 +33,65 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             params[key] = raw.strip()
     return params
+
+
+def method_or_none(name: str, params: dict[str, object]):
+    """The method `name` with `params`, or None for `none` (the unpruned model)."""
+    from vlmprune.methods import build_method
+
+    if name.lower() == "none":
+        if params:
+            raise CommandError(f"--method none takes no --param, got {', '.join(sorted(params))}")
+        return None
+    try:
+        return build_method(name, **params)
+    except VlmpruneError:
+        raise
+    except (ValueError, TypeError) as error:  # a method's own validation of its fields
+        raise CommandError(f"invalid parameters for method {name!r}: {error}") from None
+
+
+def _looks_local(model: str) -> bool:
+    """True for paths that cannot be a Hub id (`org/name`): absolute, relative with `.`, or `~`."""
+    return (
+        os.path.isabs(model)
+        or model.startswith(("./", "../", "~", ".\\", "..\\"))
+        or model in (".", "..")
+        or model.count("/") > 1
+    )
+
+
+def load_model(model_id: str, *, device: str, dtype: str, attn: str):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = os.path.expanduser(model_id)
+    if not os.path.exists(path) and _looks_local(model_id):
+        raise CommandError(f"model directory {model_id} does not exist")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(f"model path {model_id} is not a directory")
+    try:
+        torch_device = torch.device(device)
+        torch.empty(0, device=torch_device)  # fails early on a device this machine does not have
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"device {device!r} is not usable: {error}") from None
+    kwargs: dict[str, object] = {
+        "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
+        "attn_implementation": attn,
+    }
+    # Loading straight onto an accelerator needs accelerate; without it the model is loaded, then moved.
+    if torch_device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+        kwargs["device_map"] = str(torch_device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            processor = AutoProcessor.from_pretrained(path)
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CommandError(f"cannot load model {model_id}: {message}") from None
+    try:
+        model = model.to(torch_device)
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"cannot move the model to {device}: {error}") from None
+    return processor, model.eval()

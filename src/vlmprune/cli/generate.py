@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import warnings
 
-from vlmprune.cli._common import CommandError, parse_params
-from vlmprune.errors import VlmpruneError
+from vlmprune.cli._common import CommandError, load_model, method_or_none, parse_params
 
 __all__ = ["add_parser", "build_prompt", "load_image", "run"]
 
@@ -62,9 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    method = _build_method(args.method, parse_params(args.param))
+    method = method_or_none(args.method, parse_params(args.param))
     image = load_image(args.image)
-    processor, model = _load(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
+    processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
 
     prompt = build_prompt(processor, args.prompt)
     inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
@@ -101,21 +97,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_method(name: str, params: dict[str, object]):
-    from vlmprune.methods import build_method
-
-    if name.lower() == "none":
-        if params:
-            raise CommandError(f"--method none takes no --param, got {', '.join(sorted(params))}")
-        return None
-    try:
-        return build_method(name, **params)
-    except VlmpruneError:
-        raise
-    except (ValueError, TypeError) as error:  # a method's own validation of its fields
-        raise CommandError(f"invalid parameters for method {name!r}: {error}") from None
-
-
 def load_image(path: str):
     """The image at `path` as an RGB PIL image; a `CommandError` if it is missing or unreadable."""
     from PIL import Image
@@ -141,49 +122,3 @@ def build_prompt(processor, text: str) -> str:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return f"{image_token}\n{text}"
-
-
-def _looks_local(model: str) -> bool:
-    """True for paths that cannot be a Hub id (`org/name`): absolute, relative with `.`, or `~`."""
-    return (
-        os.path.isabs(model)
-        or model.startswith(("./", "../", "~", ".\\", "..\\"))
-        or model in (".", "..")
-        or model.count("/") > 1
-    )
-
-
-def _load(model_id: str, *, device: str, dtype: str, attn: str):
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    path = os.path.expanduser(model_id)
-    if not os.path.exists(path) and _looks_local(model_id):
-        raise CommandError(f"model directory {model_id} does not exist")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CommandError(f"model path {model_id} is not a directory")
-    try:
-        torch_device = torch.device(device)
-        torch.empty(0, device=torch_device)  # fails early on a device this machine does not have
-    except (RuntimeError, AssertionError) as error:
-        raise CommandError(f"device {device!r} is not usable: {error}") from None
-    kwargs: dict[str, object] = {
-        "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
-        "attn_implementation": attn,
-    }
-    # Loading straight onto an accelerator needs accelerate; without it the model is loaded, then moved.
-    if torch_device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
-        kwargs["device_map"] = str(torch_device)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            processor = AutoProcessor.from_pretrained(path)
-            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CommandError(f"cannot load model {model_id}: {message}") from None
-    try:
-        model = model.to(torch_device)
-    except (RuntimeError, AssertionError) as error:
-        raise CommandError(f"cannot move the model to {device}: {error}") from None
-    return processor, model.eval()

@@ -84,6 +84,19 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT),
         # FEATHER's model: Llama-2-7B + SigLIP SO400M (27 x 27 = 729 tokens, no [CLS]) + GELU MLP
         ModelShape("prismatic-7b", 4096, 11008, 32, 32, 32, 32000, 729, (27, 27), vision=_SIGLIP_SO400M),
+        # a smoke-test LLaVA (6 layers, 12 x 12 grid) that benchmarks in seconds
+        ModelShape(
+            "llava-tiny",
+            128,
+            256,
+            6,
+            4,
+            2,
+            228,
+            144,
+            (12, 12),
+            vision=VisionShape(64, 256, 1, 145, ((64, 128), (128, 128))),
+        ),
         # the CPU benchmark's LLaVA-1.5 layout (576 tokens, 32 layers) with a narrow LLM and a tiny tower
         ModelShape(
             "llava-cpu-mid",

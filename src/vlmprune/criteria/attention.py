@@ -26,6 +26,8 @@ class Attention(ScoredCriterion):
             image keys only (FEATHER); "none" keeps raw logits q·k/√d (BTP's LLaVA code).
         rope: apply rotary position embeddings to q and k (φoriginal). `False` is FEATHER's φ-R, which removes
             RoPE's long-term decay and with it the preference for tokens at the bottom of the image.
+        full_map: compute the whole attention map of the scoring layer, as the original FastV does through
+            eager attention with `output_attentions`; the same scores at the original's cost (for benchmarks).
 
     Scores are averaged over heads, in float32.
     """
@@ -33,6 +35,7 @@ class Attention(ScoredCriterion):
     query: QueryPolicy = "last"
     softmax: SoftmaxDomain = "sequence"
     rope: bool = True
+    full_map: bool = False
 
     requires: ClassVar[frozenset[str]] = frozenset({"attention"})
 
@@ -43,4 +46,4 @@ class Attention(ScoredCriterion):
             raise ValueError(f"softmax must be 'sequence', 'image' or 'none', got {self.softmax!r}")
 
     def scores(self, ctx: SelectionContext) -> list[torch.Tensor]:
-        return ctx.attention(self.query, self.softmax, self.rope)
+        return ctx.attention(self.query, self.softmax, self.rope, self.full_map)

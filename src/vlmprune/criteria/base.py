@@ -13,7 +13,7 @@ __all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext"]
 
 QueryPolicy = Literal["last", "text_mean"]
 SoftmaxDomain = Literal["sequence", "image", "none"]
-AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool], list[torch.Tensor]]
+AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool], list[torch.Tensor]]
 
 
 @dataclass
@@ -42,18 +42,21 @@ class SelectionContext:
     def batch_size(self) -> int:
         return len(self.image_ids)
 
-    def attention(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool) -> list[torch.Tensor]:
+    def attention(
+        self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False
+    ) -> list[torch.Tensor]:
         """Attention each present image token receives at the stage's scoring layer.
 
         Returns per sample a (n_b,) float32 tensor aligned with `image_ids[b]`: the query's attention
         probabilities (or raw logits with `softmax="none"`), averaged over heads (and over query tokens for
-        `query="text_mean"`). Computed once per policy and shared by every criterion of the stage.
+        `query="text_mean"`). Computed once per policy and shared by every criterion of the stage. With
+        `full_map` the whole attention map is computed first (the cost of eager `output_attentions`).
         """
         if self.attention_fn is None:
             raise RuntimeError("this stage has no scoring layer: the criterion needs LLM attention")
-        key = ("attention", query, softmax, rope)
+        key = ("attention", query, softmax, rope, full_map)
         if key not in self._cache:
-            self._cache[key] = self.attention_fn(query, softmax, rope)
+            self._cache[key] = self.attention_fn(query, softmax, rope, full_map)
         return self._cache[key]
 
     def vision_features(self) -> list[torch.Tensor]:

@@ -38,11 +38,19 @@ class AttentionProbe:
         self.layout = layout
         self.position_embeddings = position_embeddings
 
-    def __call__(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool) -> list[torch.Tensor]:
-        """Per sample, (n_image_b,) float32 attention received by each image row, in row order."""
+    def __call__(
+        self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False
+    ) -> list[torch.Tensor]:
+        """Per sample, (n_image_b,) float32 attention received by each image row, in row order.
+
+        `full_map=True` computes the whole (heads, seq, seq) map and reads the query rows from it, the cost of
+        eager attention with `output_attentions` (original FastV); the scores are the same.
+        """
         layout, device = self.layout, self.hidden.device
         image_cols = layout.image_columns()
         query_cols, query_valid = self._query_rows(query, image_cols)
+        if full_map:
+            return self._from_full_map(query_cols, query_valid, image_cols, softmax, rope)
         if softmax == "sequence":
             n = layout.valid.shape[1]
             key_cols = torch.arange(n, device=device).expand(len(image_cols), n)
@@ -66,6 +74,30 @@ class AttentionProbe:
             padded_image_cols, _ = _pad(image_cols, device)
             weights = torch.gather(weights, 1, padded_image_cols)
         return [weights[b, : cols.numel()] for b, cols in enumerate(image_cols)]
+
+    def _from_full_map(
+        self,
+        query_cols: torch.Tensor,
+        query_valid: torch.Tensor,
+        image_cols: list[torch.Tensor],
+        softmax: SoftmaxDomain,
+        rope: bool,
+    ) -> list[torch.Tensor]:
+        n = self.layout.valid.shape[1]
+        rows = torch.arange(n, device=self.hidden.device).expand(len(image_cols), n)
+        q, k = self._project("q", rows, rope), self._project("k", rows, rope)
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.scaling(self.layer)
+        allowed = self.layout.valid[:, None, :] & (rows[:, None, :] <= rows[:, :, None])  # (batch, seq, seq)
+        if softmax == "image":
+            allowed = allowed & (self.layout.image_id >= 0)[:, None, :]
+        if softmax == "none":
+            weights = logits.masked_fill(~allowed[:, None], 0.0)
+        else:
+            weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        weights = weights.mean(dim=1).nan_to_num(0.0)  # (batch, seq, seq); padding rows see nothing
+        picked = torch.gather(weights, 1, query_cols[:, :, None].expand(-1, -1, n))  # (batch, queries, seq)
+        picked = torch.where(query_valid[..., None], picked, 0.0).sum(dim=1) / query_valid.sum(dim=1, keepdim=True)
+        return [picked[b, cols] for b, cols in enumerate(image_cols)]
 
     def _query_rows(self, query: QueryPolicy, image_cols: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, queries) query rows and their validity."""

@@ -53,8 +53,9 @@ class PruningSession:
     mask over their own (pruned) cache and, with renumbered positions, shifted positions.
     """
 
-    def __init__(self, model: nn.Module, method: Method, adapter: ModelAdapter) -> None:
+    def __init__(self, model: nn.Module, method: Method, adapter: ModelAdapter, synchronize: bool = False) -> None:
         self.model = model
+        self.synchronize = synchronize
         self.method = method
         self.adapter = adapter
         self.stages: list[Stage] = method.stages()
@@ -233,6 +234,7 @@ class PruningSession:
         """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout."""
         run, stage = self._run, self.stages[s]
         layout = run.current
+        self._wait(hidden)
         started = time.perf_counter()
         image_cols = layout.image_columns()
         image_ids = [layout.image_id[b, cols] for b, cols in enumerate(image_cols)]
@@ -253,6 +255,9 @@ class PruningSession:
         ]
         new, index = self._reduced_layout(layout, rows, stage, hidden)
         run.layouts.append(new)
+        kept_hidden = gather_rows(hidden, index)
+        self._wait(kept_hidden)
+        seconds = time.perf_counter() - started
         self.trace.stages.append(
             StageRecord(
                 layer=stage.layer,
@@ -261,10 +266,14 @@ class PruningSession:
                 image_grids=run.image_grids,
                 n_before=[int(ids.numel()) for ids in image_ids],
                 scoring_layer=stage.scoring_layer if stage.needs_attention else None,
-                seconds=time.perf_counter() - started,
+                seconds=seconds,
             )
         )
-        return gather_rows(hidden, index)
+        return kept_hidden
+
+    def _wait(self, tensor: torch.Tensor) -> None:
+        if self.synchronize and tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
 
     def _reduced_layout(
         self, layout: Layout, rows: list[torch.Tensor], stage: Stage, hidden: torch.Tensor

@@ -34,8 +34,9 @@ class FastV(OneStageMethod):
     rope: bool = True
     scoring: Literal["before", "after"] = "before"
     seed: int = 0
+    full_map: bool = False  # score from the whole attention map, as the original eager code does (benchmarks)
 
     def criterion(self) -> Criterion:
         if self.layer == 0 and self.scoring == "before":
             return RandomScore(seed=self.seed)
-        return Attention(query=self.query, softmax=self.softmax, rope=self.rope)
+        return Attention(query=self.query, softmax=self.softmax, rope=self.rope, full_map=self.full_map)

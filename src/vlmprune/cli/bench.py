@@ -1,0 +1,171 @@
+"""`vlmprune bench`: measured prefill, decode and memory of methods against the unpruned model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+from vlmprune.cli._common import CommandError, parse_params
+from vlmprune.cost import SHAPES
+
+__all__ = ["add_parser", "markdown_table", "run"]
+
+DEFAULT_METHODS = "fastv,pdrop,feather"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure speed-ups of methods against the unpruned model",
+        description=(
+            "Build a random-weight LLaVA of a named shape (no download), then time the unpruned model and each "
+            "method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
+            "decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured prefill "
+            "speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
+            "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the "
+            "scoring layer) is timed beside vlmprune's FastV on the same selection."
+        ),
+    )
+    parser.add_argument("--shape", default="llava-cpu-mid", help=f"model shape ({', '.join(SHAPES)})")
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="METHOD.KEY=VALUE", help="e.g. fastv.ratio=0.75"
+    )
+    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=16, help="answer length for end-to-end timing")
+    parser.add_argument("--text-words", type=int, default=24, help="words in the prompt's question")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    parser.add_argument("--no-original-fastv", action="store_true", help="skip the original-FastV reference")
+    parser.add_argument("--out", default=None, metavar="DIR", help="write bench.json and bench.md there")
+    parser.set_defaults(run=run)
+
+
+def _variants(args: argparse.Namespace) -> list:
+    from vlmprune.bench import Variant
+    from vlmprune.methods import build_method
+
+    per_method: dict[str, list[str]] = {}
+    for item in args.param:
+        name, dot, rest = item.partition(".")
+        if not dot:
+            raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.ratio=0.75), got {item!r}")
+        per_method.setdefault(name, []).append(rest)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    variants = [Variant("unpruned", None)]
+    for name in names:
+        method = build_method(name, **parse_params(per_method.get(name)))
+        variants.append(Variant(name, method))
+        if name == "fastv" and not args.no_original_fastv:
+            original = build_method(name, **(parse_params(per_method.get(name)) | {"full_map": True}))
+            variants.append(Variant("fastv-original (eager, full map)", original, attn="eager"))
+    return variants
+
+
+def _build(args: argparse.Namespace, batch: int):
+    import torch
+    from PIL import Image
+
+    from vlmprune.cost import get_shape
+    from vlmprune.testing import WORDS, build_tiny_processor, llava_config_for_shape
+
+    shape = get_shape(args.shape)
+    try:
+        config = llava_config_for_shape(shape)
+    except ValueError as error:
+        raise CommandError(f"bench builds LLaVA-layout models: {error}") from None
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"device {args.device!r} is not usable here: {error}") from None
+    from transformers import LlavaForConditionalGeneration
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=args.attn, dtype=dtype)
+    model.eval()
+    side = shape.grid[0] * 14
+    processor = build_tiny_processor(image_size=side, patch_size=14)
+    question = " ".join(WORDS[i % len(WORDS)] for i in range(args.text_words))
+    image = Image.new("RGB", (side, side), (120, 80, 200))
+    inputs = processor(
+        images=[image] * batch, text=[f"USER: <image>\n{question} ASSISTANT:"] * batch, return_tensors="pt"
+    )
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return model, inputs, shape
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| method | batch | prefill speed-up | ideal (FLOPs) | measured / ideal | token-layer ratio | scoring share "
+        "| decode tok/s | end-to-end | KV cache MiB | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "-"
+        lines.append(
+            f"| {r['label']} | {r['batch']} | {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+            f"| {r['measured_speedup'] / r['ideal_speedup']:.0%} | {r['token_layer_ratio']:.3f} "
+            f"| {r['scoring_share']:.1%} | {r['decode_tokens_per_s']:.1f} "
+            f"| {r['end_to_end_s'] / r['prefill_s']:.1f}x prefill | {r['kv_cache_bytes'] / 2**20:.1f} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    import vlmprune
+    from vlmprune.bench import run_benchmark
+
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise CommandError(f"--batch expects comma-separated integers, got {args.batch!r}") from None
+    variants = _variants(args)
+    rows = []
+    for batch in batches:
+        model, inputs, shape = _build(args, batch)
+        results = run_benchmark(
+            model,
+            inputs,
+            variants,
+            shape,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            log=lambda line, b=batch: print(f"[batch {b}] {line}", flush=True),
+        )
+        rows.extend(r.to_dict() for r in results)
+        del model
+    table = markdown_table(rows)
+    print(table)
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    environment = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vlmprune": vlmprune.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in vars(args).items() if k != "run"}
+        (out / "bench.json").write_text(
+            json.dumps({"config": config, "environment": environment, "results": rows}, indent=2) + "\n"
+        )
+        header = f"# vlmprune bench: {args.shape}, {args.dtype}, {args.attn}, {args.device} ({device_name})\n\n"
+        (out / "bench.md").write_text(header + table + "\n")
+        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0

@@ -1,0 +1,159 @@
+"""`vlmprune eval`: referring-expression localization accuracy of a model under a pruning method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from vlmprune.cli._common import CommandError, load_model, method_or_none, parse_params
+from vlmprune.errors import VlmpruneError
+
+__all__ = ["add_parser", "markdown_summary", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="localization accuracy (RefCOCO/+/g, OCID-Ref) under a pruning method",
+        description=(
+            "Evaluate referring-expression localization (Acc@IoU>=0.5, also 0.25/0.3/0.7, mean IoU, centre "
+            "accuracy) with batched greedy generation. Every finished sample is appended to OUT/samples.jsonl, so "
+            "a killed run resumes where it stopped; bad data is reported and counted. Runs data-parallel under "
+            "`accelerate launch --num_processes N -m vlmprune.cli.main eval ...`."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="ID_OR_DIR")
+    parser.add_argument("--method", default="none", metavar="NAME", help="a method, or `none` (default)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--tasks", default="refcoco", help="comma-separated: refcoco, refcoco+, refcocog, ocid-ref")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[TASK=]PATH",
+        help="where the data is: a root holding each task's folder, or TASK=PATH per task (repeatable)",
+    )
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int, metavar="N", help="first N samples of each task")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def _task_paths(tasks: list[str], data: list[str]) -> dict[str, Path]:
+    roots = [Path(d) for d in data if "=" not in d]
+    explicit = dict(d.split("=", 1) for d in data if "=" in d)
+    paths = {}
+    for task in tasks:
+        if task in explicit:
+            paths[task] = Path(explicit[task])
+        elif roots:
+            root = roots[0]
+            paths[task] = root / task if (root / task).is_dir() and task == "ocid-ref" else root
+        else:
+            raise CommandError(f"no data for task {task!r}: give --data ROOT or --data {task}=PATH")
+    return paths
+
+
+def _distributed() -> tuple[int, int, object | None]:
+    """(rank, world size, accelerate state) when launched by accelerate/torchrun, else (0, 1, None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmprune.eval.data import load_task
+    from vlmprune.eval.runner import EvalConfig, load_records, run_grounding, summarize
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    method = method_or_none(args.method, parse_params(args.param))
+    samples = []
+    for task, path in _task_paths(tasks, args.data).items():
+        loaded = load_task(task, path, args.split)
+        samples.extend(loaded[: args.limit] if args.limit else loaded)
+    if not samples:
+        raise CommandError("no samples to evaluate")
+    rank, world, state = _distributed()
+    processor, model = load_model(
+        args.model, device=args.device if state is None else str(state.device), dtype=args.dtype, attn=args.attn
+    )
+    out = Path(args.out)
+    config = EvalConfig(out, args.batch_size, args.max_new_tokens, rank, world, args.method)
+    bar = None
+    if not args.no_progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=-(-len(samples) // world), desc=f"eval {args.method}", unit="sample")
+    try:
+        run_grounding(model, processor, method, samples, config, progress=bar.update if bar else lambda _: None)
+    except VlmpruneError:
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if state is not None:
+        state.wait_for_everyone()
+        if rank != 0:
+            return 0
+        _merge(out, samples, load_records(out))
+    records = load_records(out)
+    summary = {
+        "method": args.method,
+        "params": parse_params(args.param),
+        "model": args.model,
+        "tasks": summarize(records),
+    }
+    loc = [entry["acc@0.5"] for entry in summary["tasks"].values()]
+    summary["localization_avg"] = sum(loc) / len(loc)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown_summary(summary)
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def _merge(out: Path, samples: list, records: list[dict]) -> None:
+    """One samples.jsonl in the samples' order, from the per-process files (which are then removed)."""
+    order = {(s.task, s.id): i for i, s in enumerate(samples)}
+    unique = {(r["task"], r["id"]): r for r in records}
+    merged = sorted(unique.values(), key=lambda r: order.get((r["task"], r["id"]), len(order)))
+    tmp = out / "samples.jsonl.tmp"
+    with open(tmp, "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in merged)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out / "samples.jsonl")
+    for path in out.glob("samples.rank*.jsonl"):
+        path.unlink()
+
+
+def markdown_summary(summary: dict) -> str:
+    lines = [
+        f"**{summary['method']}** {summary.get('params') or ''}",
+        "",
+        "| task | samples | errors | unparsed | Acc@0.5 | Acc@0.25 | Acc@0.7 | mean IoU | centre "
+        "| image tokens/layer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, e in summary["tasks"].items():
+        tokens = e.get("mean_image_tokens_per_layer")
+        lines.append(
+            f"| {task} | {e['samples']} | {e['errors']} | {e['unparsed']} | {e['acc@0.5']:.3f} | {e['acc@0.25']:.3f} "
+            f"| {e['acc@0.7']:.3f} | {e['mean_iou']:.3f} | {e['center_acc']:.3f} | "
+            f"{'-' if tokens is None else f'{tokens:.1f}'} |"
+        )
+    lines.append(f"\nlocalization average (Acc@0.5): {summary['localization_avg']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""`vlmprune viz`: pictures and statistics of what a method kept, from an eval run or one saved trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import warnings
+
+from vlmprune.cli._common import CommandError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "viz",
+        help="pictures and statistics of the kept tokens, from an eval run or a saved trace",
+        description=(
+            "With --run DIR: read DIR/samples.jsonl (written by `vlmprune eval`) and write heatmap.png (how often "
+            "each grid position is kept, per stage, with the kept tokens' mean vertical position), summary.json "
+            "(per stage: samples, mean kept, mean vertical position, share of the target box's tokens kept) and "
+            "samples/*.png (each of the first N samples with its dropped tokens dimmed and its target box). "
+            "With --trace FILE --image FILE: the same picture and summary for one trace saved by "
+            "`vlmprune generate --save-trace`."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", dest="run_dir", metavar="DIR", help="an eval output directory (or its samples.jsonl)")
+    source.add_argument("--trace", metavar="FILE", help="a trace JSON saved by `vlmprune generate --save-trace`")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default with --run: DIR/viz)")
+    parser.add_argument(
+        "--samples", type=int, default=12, metavar="N", help="--run: per-sample pictures to draw (default 12)"
+    )
+    parser.add_argument("--method", metavar="NAME", help="--run: only records of this method")
+    parser.add_argument("--task", metavar="NAME", help="--run: only records of this task")
+    parser.add_argument("--image", metavar="FILE", help="--trace: the image the trace was made with")
+    parser.add_argument(
+        "--box",
+        metavar="X1,Y1,X2,Y2",
+        help="--trace: the target box, normalised to the original image (0..1)",
+    )
+    parser.add_argument(
+        "--frame",
+        choices=("pad", "crop", "stretch"),
+        default="crop",
+        help="--trace: how the image maps onto the model's grid: crop (transformers' LLaVA processor default, "
+        "as `vlmprune generate` uses it), pad (original LLaVA-1.5 / do_pad=True), stretch (e.g. Qwen2-VL). "
+        "Default: crop",
+    )
+    parser.add_argument("--sample", type=int, default=0, metavar="I", help="--trace: which sample of the batch")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.run_dir is not None:
+        for flag in ("image", "box"):
+            if getattr(args, flag) is not None:
+                raise CommandError(f"--{flag} applies to --trace only")
+        return _run_dir(args)
+    for flag in ("method", "task"):
+        if getattr(args, flag) is not None:
+            raise CommandError(f"--{flag} applies to --run only")
+    return _run_trace(args)
+
+
+def _load_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise CommandError(f"cannot read image {path!r}: {error}") from None
+
+
+def _write_json(path: str, data: object) -> None:
+    def clean(value):  # NaN is not JSON
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(clean(data), handle, indent=1)
+        handle.write("\n")
+
+
+def _save(figure, path: str) -> None:
+    from vlmprune.viz import save_png
+
+    save_png(figure, path)
+    print(f"wrote {path}")
+
+
+def _print_stages(summary: dict) -> None:
+    for stage in summary["stages"]:
+        parts = [
+            f"stage {stage['stage']} (before layer {stage['layer']}, {stage['grid'][0]}x{stage['grid'][1]}):",
+            f"{stage['samples']} samples,",
+            f"{stage['mean_kept']:.1f} kept ({stage['mean_kept_fraction']:.0%}),",
+        ]
+        if stage["mean_vertical_position"] is not None:
+            parts.append(f"mean vertical position {stage['mean_vertical_position']:.3f}")
+        if stage["mean_box_token_share"] is not None:
+            parts.append(f"target tokens kept {stage['mean_box_token_share']:.1%} ({stage['box_samples']} boxes)")
+        print(" ".join(parts))
+
+
+def _run_dir(args: argparse.Namespace) -> int:
+    from vlmprune.viz import RECORD_FILE, has_stages, plot_keep_frequency, plot_sample, read_records, summarize
+
+    if args.samples < 0:
+        raise CommandError(f"--samples must be >= 0, got {args.samples}")
+    path = args.run_dir if os.path.isfile(args.run_dir) else os.path.join(args.run_dir, RECORD_FILE)
+    if not os.path.isdir(args.run_dir) and not os.path.isfile(args.run_dir):
+        raise CommandError(f"run directory {args.run_dir!r} does not exist")
+    if not os.path.isfile(path):
+        raise CommandError(f"{path!r} does not exist: is {args.run_dir!r} a `vlmprune eval` output directory?")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            records = read_records(path)
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise CommandError(f"cannot read {path!r}: {error}") from None
+    for warning in caught:
+        print(f"vlmprune: warning: {warning.message}", file=sys.stderr)
+    if args.method is not None:
+        records = [r for r in records if r.get("method") == args.method]
+    if args.task is not None:
+        records = [r for r in records if r.get("task") == args.task]
+    filters = (("method", args.method), ("task", args.task))
+    chosen = "".join(f" with {flag} {value!r}" for flag, value in filters if value)
+    if not records:
+        raise CommandError(f"{path!r} has no records{chosen}: the run is empty")
+    usable = [r for r in records if has_stages(r)]
+    if not usable:
+        errors = sum(1 for r in records if r.get("error"))
+        raise CommandError(
+            f"none of the {len(records)} records{chosen} has pruning stages ({errors} with errors, "
+            f"{len(records) - errors} unpruned): nothing to draw"
+        )
+    methods = sorted({str(r.get("method")) for r in usable})
+    if len(methods) > 1:
+        raise CommandError(f"the run mixes methods {', '.join(methods)}: choose one with --method")
+
+    try:
+        summary = summarize(records)
+    except ValueError as error:
+        raise CommandError(f"bad record in {path!r}: {error}") from None
+    out = args.out or os.path.join(os.path.dirname(path), "viz")
+    os.makedirs(out, exist_ok=True)
+    _write_json(os.path.join(out, "summary.json"), summary)
+    print(f"wrote {os.path.join(out, 'summary.json')}")
+    _print_stages(summary)
+
+    import numpy as np
+
+    tasks = ", ".join(summary["tasks"]) or "samples"
+    try:
+        figure = plot_keep_frequency(
+            [np.asarray(s["keep_frequency"]) for s in summary["stages"]],
+            [s["layer"] for s in summary["stages"]],
+            vertical=[s["mean_vertical_position"] for s in summary["stages"]],
+            samples=[s["samples"] for s in summary["stages"]],
+            title=f"How often each image token is kept — {methods[0]} on {tasks}",
+        )
+        _save(figure, os.path.join(out, "heatmap.png"))
+        for drawn, record in enumerate(usable[: args.samples]):
+            image = None
+            if record.get("image"):
+                try:
+                    image = _load_image(record["image"])
+                except CommandError as error:
+                    print(f"vlmprune: warning: {error}; drawing on a grey canvas", file=sys.stderr)
+            name = "_".join(str(record.get(key)) for key in ("task", "id") if record.get(key) is not None)
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "sample"
+            _save(plot_sample(record, image), os.path.join(out, "samples", f"{drawn:03d}_{name}.png"))
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    return 0
+
+
+def _parse_box(text: str) -> list[float]:
+    from vlmprune.viz.frame import validate_box
+
+    try:
+        box = [float(v) for v in text.split(",")]
+        return list(validate_box(box))
+    except ValueError as error:
+        raise CommandError(f"--box expects x1,y1,x2,y2 normalised to 0..1 (e.g. 0.1,0.2,0.5,0.9): {error}") from None
+
+
+def _run_trace(args: argparse.Namespace) -> int:
+    from vlmprune.viz import plot_sample, record_from_trace, summarize
+
+    if args.image is None:
+        raise CommandError("--trace needs --image, the image the trace was made with")
+    if args.out is None:
+        raise CommandError("--trace needs --out DIR")
+    box = _parse_box(args.box) if args.box is not None else None
+    try:
+        with open(args.trace, encoding="utf-8") as handle:
+            trace = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CommandError(f"cannot read trace {args.trace!r}: {error}") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("stages"), list):
+        raise CommandError(f"{args.trace!r} is not a trace saved by `vlmprune generate --save-trace`")
+    if not trace["stages"]:
+        raise CommandError(f"trace {args.trace!r} has no pruning stage: nothing to draw")
+    image = _load_image(args.image)
+    try:
+        record = record_from_trace(
+            trace, image=args.image, image_size=image.size, target_box=box, frame=args.frame, sample=args.sample
+        )
+        summary = summarize([record])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CommandError(f"bad trace {args.trace!r}: {error}") from None
+    grids = [(s.get("image_grids") or [])[args.sample : args.sample + 1] for s in trace["stages"]]
+    if any(len(images) > 1 for per_sample in grids for images in per_sample):
+        print("vlmprune: note: the trace has several images; drawing the first", file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    _write_json(os.path.join(args.out, "summary.json"), summary)
+    print(f"wrote {os.path.join(args.out, 'summary.json')}")
+    _print_stages(summary)
+    try:
+        _save(plot_sample(record, image), os.path.join(args.out, "overlay.png"))
+    except ImportError as error:
+        raise CommandError(str(error)) from None
+    return 0

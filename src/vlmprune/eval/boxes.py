@@ -1,0 +1,111 @@
+"""Boxes: parsing model answers, mapping between the image and the model's square frame, and scoring.
+
+Boxes are (x1, y1, x2, y2). "Normalized" means divided by the width and height of the frame they live in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+__all__ = [
+    "Box",
+    "Frame",
+    "center_inside",
+    "from_frame",
+    "iou",
+    "parse_normalized_box",
+    "parse_pixel_box",
+    "to_frame",
+]
+
+Box = tuple[float, float, float, float]
+Frame = Literal["pad", "crop", "stretch"]
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_BRACKETED = re.compile(rf"[\[(]\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*[\])]")
+_LOOSE = re.compile(rf"({_NUMBER})\s*[, ]\s*({_NUMBER})\s*[, ]\s*({_NUMBER})\s*[, ]\s*({_NUMBER})")
+
+
+def _first_box(text: str) -> Box | None:
+    match = _BRACKETED.search(text) or _LOOSE.search(text)
+    if match is None:
+        return None
+    try:
+        x1, y1, x2, y2 = (float(g) for g in match.groups())
+    except ValueError:
+        return None
+    return x1, y1, x2, y2
+
+
+def parse_normalized_box(text: str) -> Box | None:
+    """The first box of four numbers in [0, 1] in `text` (LLaVA-1.5, Prismatic/FEATHER), or None.
+
+    Accepts extra words around it, brackets or parentheses, and several boxes (the first counts, as in
+    lmms-eval and the FEATHER scorer). Coordinates outside [0, 1], or a box with x2 < x1 or y2 < y1, do not
+    parse: such an answer counts as wrong.
+    """
+    box = _first_box(text)
+    if box is None or not all(0.0 <= v <= 1.0 for v in box) or box[2] < box[0] or box[3] < box[1]:
+        return None
+    return box
+
+
+def parse_pixel_box(text: str) -> Box | None:
+    """The first box in absolute pixels (Qwen2/2.5-VL's `bbox_2d` in its resized frame), or None."""
+    box = _first_box(text)
+    if box is None or any(v < 0 for v in box) or box[2] < box[0] or box[3] < box[1]:
+        return None
+    return box
+
+
+def _square(width: float, height: float, frame: Frame) -> tuple[float, float, float]:
+    """(side, x offset, y offset) of the image inside the square frame, in original pixels."""
+    if frame == "pad":
+        side = max(width, height)
+        return side, (side - width) / 2, (side - height) / 2
+    if frame == "crop":
+        side = min(width, height)
+        return side, -(width - side) / 2, -(height - side) / 2
+    raise ValueError(f"frame must be 'pad', 'crop' or 'stretch', got {frame!r}")
+
+
+def to_frame(box: Sequence[float], width: float, height: float, frame: Frame) -> Box:
+    """A box normalized to the image -> normalized to the model's square input frame."""
+    if frame == "stretch":
+        return tuple(box)  # type: ignore[return-value]
+    side, dx, dy = _square(width, height, frame)
+    x1, y1, x2, y2 = box
+    return ((x1 * width + dx) / side, (y1 * height + dy) / side, (x2 * width + dx) / side, (y2 * height + dy) / side)
+
+
+def from_frame(box: Sequence[float], width: float, height: float, frame: Frame) -> Box:
+    """A box normalized to the square frame -> normalized to the original image (clipped to it)."""
+    if frame == "stretch":
+        x1, y1, x2, y2 = box
+    else:
+        side, dx, dy = _square(width, height, frame)
+        x1, y1, x2, y2 = (
+            (box[0] * side - dx) / width,
+            (box[1] * side - dy) / height,
+            (box[2] * side - dx) / width,
+            (box[3] * side - dy) / height,
+        )
+    clip = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
+    return clip(x1), clip(y1), clip(x2), clip(y2)
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes in the same coordinates."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def center_inside(pred: Sequence[float], target: Sequence[float]) -> bool:
+    """Whether the predicted box's centre lies in the target box (lmms-eval's Center_ACC)."""
+    cx, cy = (pred[0] + pred[2]) / 2, (pred[1] + pred[3]) / 2
+    return target[0] <= cx <= target[2] and target[1] <= cy <= target[3]

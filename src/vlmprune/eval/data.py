@@ -1,0 +1,230 @@
+"""Referring-expression datasets in their standard layouts, read from local paths.
+
+Each loader returns `RefSample`s: one per referring expression, with the target box normalized to the
+original image. Images are opened lazily, so a missing or corrupt file is reported for that sample only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from vlmprune.errors import VlmpruneError
+
+__all__ = ["LOADERS", "RefSample", "load_hf_parquet", "load_ocid_ref", "load_refer", "load_task"]
+
+
+@dataclass
+class RefSample:
+    """One referring expression.
+
+    Attributes:
+        box: target (x1, y1, x2, y2) normalized to the original image, or None if the annotation has none.
+        image_size: (width, height) of the original image, or None until the image is opened.
+    """
+
+    task: str
+    id: str
+    expression: str
+    box: tuple[float, float, float, float] | None
+    image_ref: str
+    image_size: tuple[int, int] | None
+    open_image: Callable[[], Image.Image] = field(repr=False)
+    meta: dict = field(default_factory=dict)
+
+
+def _file_opener(path: Path) -> Callable[[], Image.Image]:
+    def open_() -> Image.Image:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+
+    return open_
+
+
+def _bytes_opener(data: bytes) -> Callable[[], Image.Image]:
+    def open_() -> Image.Image:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+
+    return open_
+
+
+def _xywh_to_normalized(box: list[float], width: float, height: float) -> tuple[float, float, float, float]:
+    x, y, w, h = box
+    return x / width, y / height, (x + w) / width, (y + h) / height
+
+
+REFER_SPLITS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+
+
+def load_refer(
+    root: str | Path,
+    dataset: str = "refcoco",
+    split: str = "val",
+    split_by: str | None = None,
+    images: str | Path | None = None,
+) -> list[RefSample]:
+    """The `refer` layout: `root/<dataset>/instances.json` + `refs(<split_by>).p` and COCO train2014 images.
+
+    Images are looked up in `images`, else `root/images/mscoco/images/train2014`, `root/images/train2014`,
+    `root/train2014`. `split_by` defaults to unc for RefCOCO/RefCOCO+ and umd for RefCOCOg.
+    """
+    root = Path(root)
+    split_by = split_by or REFER_SPLITS.get(dataset, "unc")
+    folder = root / dataset
+    try:
+        with open(folder / f"refs({split_by}).p", "rb") as handle:
+            refs = pickle.load(handle)
+        with open(folder / "instances.json") as handle:
+            instances = json.load(handle)
+    except (OSError, pickle.UnpicklingError, json.JSONDecodeError) as error:
+        raise VlmpruneError(f"cannot read the {dataset} refer files in {folder}: {error}") from None
+    candidates = (
+        [Path(images)]
+        if images
+        else [root / "images" / "mscoco" / "images" / "train2014", root / "images" / "train2014", root / "train2014"]
+    )
+    image_dir = next((c for c in candidates if c.is_dir()), candidates[0])
+    image_info = {img["id"]: img for img in instances["images"]}
+    boxes = {ann["id"]: ann.get("bbox") for ann in instances["annotations"]}
+    samples = []
+    for ref in refs:
+        if ref.get("split") != split:
+            continue
+        info = image_info[ref["image_id"]]
+        width, height = info["width"], info["height"]
+        bbox = boxes.get(ref["ann_id"])
+        box = _xywh_to_normalized(bbox, width, height) if bbox else None
+        path = image_dir / info["file_name"]
+        for sentence in ref["sentences"]:
+            samples.append(
+                RefSample(
+                    task=dataset,
+                    id=f"{ref['ref_id']}-{sentence.get('sent_id', len(samples))}",
+                    expression=sentence["sent"],
+                    box=box,
+                    image_ref=str(path),
+                    image_size=(width, height),
+                    open_image=_file_opener(path),
+                )
+            )
+    return samples
+
+
+def load_hf_parquet(path: str | Path, task: str = "refcoco", split: str = "val") -> list[RefSample]:
+    """The lmms-lab RefCOCO datasets (what lmms-eval uses) from a local snapshot of their parquet files.
+
+    Rows have `image` ({"bytes": ...}), `bbox` as [x, y, w, h] in pixels and `answer`, a list of expressions
+    (one sample each), plus `question_id`. Files are `<path>/**/<split>-*.parquet`.
+    """
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise VlmpruneError("reading parquet datasets needs pyarrow: pip install pyarrow") from None
+    files = sorted(Path(path).rglob(f"{split}*.parquet"))
+    if not files:
+        raise VlmpruneError(f"no {split}*.parquet files under {path}")
+    samples = []
+    for file in files:
+        for row_index, row in enumerate(pq.read_table(file).to_pylist()):
+            image_bytes = (row.get("image") or {}).get("bytes")
+            opener = _bytes_opener(image_bytes) if image_bytes else _missing(f"{file}#{row_index}")
+            width, height = _size_of(image_bytes)
+            bbox = row.get("bbox")
+            box = _xywh_to_normalized(bbox, width, height) if bbox and width else None
+            answers = row.get("answer") or []
+            for k, expression in enumerate(answers if isinstance(answers, list) else [answers]):
+                samples.append(
+                    RefSample(
+                        task=task,
+                        id=f"{row.get('question_id', f'{file.stem}-{row_index}')}-{k}",
+                        expression=expression,
+                        box=box,
+                        image_ref=f"{file}#{row_index}",
+                        image_size=(width, height) if width else None,
+                        open_image=opener,
+                    )
+                )
+    return samples
+
+
+def load_ocid_ref(root: str | Path, split: str = "val", images: str | Path | None = None) -> list[RefSample]:
+    """OCID-Ref: `root/<split>_expressions.json` (id -> scene_path, sentence, bbox "[x1, y1, x2, y2]" in pixels,
+    take_id) with the OCID images (640 x 480) under `images`, else `root/OCID-dataset`."""
+    root = Path(root)
+    try:
+        with open(root / f"{split}_expressions.json") as handle:
+            expressions = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise VlmpruneError(f"cannot read OCID-Ref {split} expressions in {root}: {error}") from None
+    image_dir = Path(images) if images else root / "OCID-dataset"
+    width, height = 640, 480  # every OCID image
+    samples = []
+    for example_id, example in expressions.items():
+        raw = example.get("bbox")
+        try:
+            x1, y1, x2, y2 = json.loads(raw) if isinstance(raw, str) else raw
+            box = (x1 / width, y1 / height, x2 / width, y2 / height)
+        except (TypeError, ValueError):
+            box = None
+        path = image_dir / example["scene_path"]
+        samples.append(
+            RefSample(
+                task="ocid-ref",
+                id=str(example_id),
+                expression=example["sentence"],
+                box=box,
+                image_ref=str(path),
+                image_size=(width, height),
+                open_image=_file_opener(path),
+                meta={"take_id": example.get("take_id")},
+            )
+        )
+    return samples
+
+
+def _missing(where: str) -> Callable[[], Image.Image]:
+    def open_() -> Image.Image:
+        raise OSError(f"no image bytes at {where}")
+
+    return open_
+
+
+def _size_of(data: bytes | None) -> tuple[int, int]:
+    if not data:
+        return 0, 0
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except OSError:
+        return 0, 0
+
+
+LOADERS: dict[str, str] = {
+    "refcoco": "refer layout (instances.json + refs(unc).p) or lmms-lab parquet",
+    "refcoco+": "refer layout (refs(unc).p) or lmms-lab parquet",
+    "refcocog": "refer layout (refs(umd).p) or lmms-lab parquet",
+    "ocid-ref": "OCID-Ref <split>_expressions.json + OCID-dataset images",
+}
+
+
+def load_task(task: str, root: str | Path, split: str = "val") -> list[RefSample]:
+    """Samples of `task` found under `root`, whichever standard layout it holds."""
+    root = Path(root)
+    if task == "ocid-ref":
+        return load_ocid_ref(root, split)
+    if task not in REFER_SPLITS:
+        raise VlmpruneError(f"unknown task {task!r}; available: {', '.join(LOADERS)}")
+    if (root / task / "instances.json").exists():
+        return load_refer(root, task, split)
+    if any(root.rglob(f"{split}*.parquet")):
+        return load_hf_parquet(root, task, split)
+    raise VlmpruneError(
+        f"no {task} data under {root}: expected {root / task}/instances.json (refer layout) or {split}*.parquet files"
+    )

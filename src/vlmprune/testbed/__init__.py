@@ -1,0 +1,1 @@
+"""An offline grounding testbed: procedural scenes and a tiny LLaVA trained on them (issue 5)."""

@@ -1,0 +1,126 @@
+"""Accuracy of a testbed model on a split: localization Acc@IoU>=0.5 and other-question accuracy.
+
+Greedy `model.generate` (KV cache), batched with left padding, on the fixed pairs of `eval_questions`:
+scene `i` of the split gives one localization and one other question. An answer to another question is right
+when its text equals the target; a box is right when `parse_box` reads four bins whose box has IoU >= 0.5
+with the drawn box (an unreadable answer counts as wrong).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vlmprune.testbed.model import parse_box, prompt_text
+from vlmprune.testbed.scenes import OTHER_KINDS, Question, box_iou, eval_questions
+
+__all__ = ["EvalResult", "evaluate", "generate_answers"]
+
+
+@dataclass
+class EvalResult:
+    """Accuracies over `n` scenes; `per_kind` maps each question kind ("where", "colour", ...) to accuracy."""
+
+    localization_acc: float
+    other_acc: float
+    mean_iou: float
+    per_kind: dict[str, float]
+    n: int
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "localization_acc": self.localization_acc,
+            "other_acc": self.other_acc,
+            "mean_iou": self.mean_iou,
+            "per_kind": dict(self.per_kind),
+            "n": self.n,
+        }
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k} {v:.3f}" for k, v in self.per_kind.items() if k != "where")
+        return (
+            f"localization Acc@0.5 {self.localization_acc:.3f} (mean IoU {self.mean_iou:.3f}); "
+            f"other {self.other_acc:.3f} ({kinds}); {self.n} scenes"
+        )
+
+
+@torch.no_grad()
+def generate_answers(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    images: list,
+    questions: list[str],
+    *,
+    max_new_tokens: int = 5,
+) -> list[str]:
+    """Greedy answers (special tokens stripped) to `questions[i]` about `images[i]`, one batch."""
+    inputs = processor(images=images, text=[prompt_text(q) for q in questions], return_tensors="pt", padding=True)
+    inputs = inputs.to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def is_correct(question: Question, answer: str) -> tuple[bool, float]:
+    """(right or wrong, IoU) of `answer` to `question`; IoU is 0 for non-localization questions."""
+    if question.is_localization:
+        box = parse_box(answer)
+        iou = box_iou(box, question.box) if box is not None and question.box is not None else 0.0
+        return iou >= 0.5, iou
+    return answer == question.answer, 0.0
+
+
+def evaluate(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    *,
+    split: str = "test",
+    limit: int = 200,
+    batch_size: int = 32,
+    run_pruned: Callable[[Callable[[], list[str]]], list[str]] | None = None,
+) -> EvalResult:
+    """Both accuracies of `model` on the first `limit` scenes of `split` (`limit` questions of each family).
+
+    `run_pruned`, if given, wraps each batch's generation (e.g. inside `vlmprune.prune`); it receives a
+    function returning the answers and returns them.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    was_training = model.training
+    model.eval()
+    items: list[tuple[object, Question]] = []
+    for index in range(limit):
+        scene, where, other = eval_questions(split, index)  # type: ignore[arg-type]
+        image = scene.image()
+        items += [(image, where), (image, other)]
+    right: dict[str, list[bool]] = defaultdict(list)
+    ious: list[float] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+
+            def run_batch(chunk: list[tuple[object, Question]] = chunk) -> list[str]:
+                return generate_answers(model, processor, [c[0] for c in chunk], [c[1].text for c in chunk])
+
+            answers = run_pruned(run_batch) if run_pruned is not None else run_batch()
+            for (_, question), answer in zip(chunk, answers, strict=True):
+                ok, iou = is_correct(question, answer)
+                right[question.kind].append(ok)
+                if question.is_localization:
+                    ious.append(iou)
+    finally:
+        model.train(was_training)
+    others = [ok for kind in OTHER_KINDS for ok in right.get(kind, [])]
+    per_kind = {kind: sum(v) / len(v) for kind in ("where", *OTHER_KINDS) if (v := right.get(kind))}
+    return EvalResult(
+        localization_acc=sum(right["where"]) / len(right["where"]),
+        other_acc=sum(others) / len(others),
+        mean_iou=sum(ious) / len(ious),
+        per_kind=per_kind,
+        n=limit,
+    )

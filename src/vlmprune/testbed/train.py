@@ -1,0 +1,557 @@
+"""Training the testbed model from scratch: reproducible from a seed, resumable, two stages.
+
+Why two stages (../shared/reference/testbed-notes.md): trained end to end from random weights, the model
+settles on answer priors within ~100 steps and the vision tower's gradient vanishes. Real LLaVA starts from a
+pretrained CLIP; here the tower is first given dense supervision of its own:
+
+1. "vision": the CLIP tower alone, with linear heads on its patch features (layer -2, which the LM reads, and
+   the last layer, so no layer stays random) predicting per patch: foreground fraction; colour, shape and
+   size of the object covering it (or background); that object's box; and the patch's row and column
+   (RoPE does not put positions into the values the LM reads, so the features must carry them).
+2. "lm": projector + Llama on question answering, the tower at a lower learning rate with the dense loss
+   kept as an auxiliary term (weight `dense_weight`) so its features do not drift. Each image carries several
+   question-answer blocks that share the image prefix: block `j` attends to the prefix and causally to
+   itself only, with positions restarting after the prefix, so each block is exactly the prompt
+   `"USER: <image>\\n{q} ASSISTANT:"` + answer that evaluation sees. The first `easy_images` use 2-3 objects.
+
+The loss is cross-entropy on the answer tokens and `</s>` only. Everything is determined by the seed: model
+initialisation by `seed`, scene `i` of a stage by `seed` and `i`. A checkpoint (model, heads, optimizer,
+scheduler, RNG, stage and data position) is written every `checkpoint_minutes` and when a run stops, so an
+interrupted run continues where it stopped and produces the same weights as an uninterrupted one.
+
+Files in the output directory: `checkpoint.pt` (training state), `model/` (the current model in fp16 with its
+processor, `from_pretrained`-loadable), `log.jsonl` (one JSON object per line, `"event"` is `"train"` or
+`"eval"`), `config.json` (the `TrainConfig`), `command.txt` (each command line that ran here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from vlmprune.testbed.evaluate import evaluate
+from vlmprune.testbed.model import (
+    build_testbed_model,
+    build_testbed_processor,
+    build_testbed_tokenizer,
+    save_testbed,
+    testbed_config,
+)
+from vlmprune.testbed.scenes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    TEST_SEED_OFFSET,
+    make_scene,
+    patch_targets,
+    sample_questions,
+    scene_seed,
+)
+
+__all__ = ["DenseHeads", "TrainConfig", "Trainer", "train"]
+
+_SEED_STRIDE = 40_000_000  # training scenes of seed s: [s * stride, (s + 1) * stride), all below the test range
+_LM_SCENE_OFFSET = 20_000_000  # the LM stage's scenes start here within a seed's range
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; stored in the checkpoint, so a resumed run keeps its own."""
+
+    seed: int = 0
+    model: dict[str, int] = field(default_factory=dict)  # keyword arguments of `testbed_config`
+    # stage 1: dense per-patch supervision of the vision tower
+    vision_images: int = 64_000
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
+    # stage 2: projector + LM (tower at vision_lr_scale * lm_lr), several Q/A blocks per image
+    lm_images: int = 400_000
+    lm_batch: int = 16
+    where_per_image: int = 4
+    other_per_image: int = 4
+    lm_lr: float = 3e-4
+    tower_lr_scale: float = 0.1
+    dense_weight: float = 0.5
+    easy_images: int = 32_000
+    # both stages
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    log_every_steps: int = 20
+    vision_eval_every_images: int = 6_400
+    lm_eval_every_images: int = 4_000
+    eval_limit: int = 200
+    checkpoint_minutes: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed < TEST_SEED_OFFSET // _SEED_STRIDE:
+            raise ValueError(f"seed must be in [0, {TEST_SEED_OFFSET // _SEED_STRIDE}), got {self.seed}")
+        for name in ("vision_batch", "lm_batch", "log_every_steps", "eval_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vision_images", "lm_images", "easy_images", "where_per_image", "other_per_image"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.where_per_image + self.other_per_image < 1:
+            raise ValueError("where_per_image + other_per_image must be >= 1")
+
+    def steps(self, stage: str) -> int:
+        """Optimizer steps of `stage` ("vision" or "lm")."""
+        if stage == "vision":
+            return math.ceil(self.vision_images / self.vision_batch)
+        return math.ceil(self.lm_images / self.lm_batch)
+
+
+# ---------------------------------------------------------------------------------------------- dense heads
+
+_DENSE_SIZES = {"fg": 1, "colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES), "box": 4}
+
+
+class DenseHeads(nn.Module):
+    """Linear per-patch heads on two vision layers' patch features (training only, not part of the model).
+
+    Input: `(batch, patches, hidden)` features of one layer; output: logits split by target (see
+    `_DENSE_SIZES`, plus `row` and `col` over the grid side).
+    """
+
+    def __init__(self, hidden: int, side: int, layers: tuple[int, ...] = (-2, -1)) -> None:
+        super().__init__()
+        self.side = side
+        self.layers = layers
+        self.sizes = {**_DENSE_SIZES, "row": side, "col": side}
+        total = sum(self.sizes.values())
+        self.heads = nn.ModuleList(nn.Linear(hidden, total) for _ in layers)
+
+    def split(self, index: int, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of head `index` on `features` `(batch, patches, hidden)`: name -> `(batch, patches, k)`."""
+        out = self.heads[index](features)
+        return dict(zip(self.sizes, out.split(list(self.sizes.values()), dim=-1), strict=True))
+
+    def loss(
+        self, hidden_states: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean dense loss over the heads, and accuracies of the first head (the layer the LM reads).
+
+        `hidden_states`: the tower's per-layer states `(batch, 1 + patches, hidden)` ([CLS] first);
+        `targets`: `patch_targets` stacked over the batch, each `(batch, patches[, 4])`.
+        """
+        total = torch.zeros(())
+        metrics: dict[str, float] = {}
+        obj = targets["colour"] > 0
+        for index, layer in enumerate(self.layers):
+            logits = self.split(index, hidden_states[layer][:, 1:])
+            loss = F.binary_cross_entropy_with_logits(logits["fg"].squeeze(-1), targets["fg"])
+            for name in ("colour", "shape", "size", "row", "col"):
+                loss = loss + F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=-100)
+            if obj.any():
+                loss = loss + 10.0 * F.smooth_l1_loss(
+                    logits["box"][obj].sigmoid(), targets["box"][obj], beta=0.05
+                )
+            total = total + loss / len(self.layers)
+            if index == 0:
+                with torch.no_grad():
+                    metrics["dense_loss"] = float(loss)
+                    fg_pred = logits["fg"].squeeze(-1) > 0
+                    metrics["fg_acc"] = float((fg_pred == (targets["fg"] > 0.5)).float().mean())
+                    for name in ("colour", "shape", "size"):
+                        pred = logits[name].argmax(-1)
+                        metrics[f"{name}_acc"] = float((pred[obj] == targets[name][obj]).float().mean()) if obj.any() else 0.0
+                    rowcol = (logits["row"].argmax(-1) == targets["row"]) & (logits["col"].argmax(-1) == targets["col"])
+                    metrics["rowcol_acc"] = float(rowcol.float().mean())
+                    if obj.any():
+                        metrics["box_l1"] = float((logits["box"][obj].sigmoid() - targets["box"][obj]).abs().mean())
+        return total, metrics
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def _pixels(images: list, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """CLIP-normalized pixels `(batch, 3, H, W)`; equals the processor's output for `IMAGE_SIZE` images."""
+    array = np.stack([np.asarray(image, dtype=np.float64) for image in images]) / 255.0
+    return torch.from_numpy(((array - mean) / std).transpose(0, 3, 1, 2)).float()
+
+
+def _targets(scenes: list, patch: int) -> dict[str, torch.Tensor]:
+    per_scene = [patch_targets(scene, patch) for scene in scenes]
+    return {name: torch.from_numpy(np.stack([t[name] for t in per_scene])) for name in per_scene[0]}
+
+
+class _Batcher:
+    """Builds the batches of a run from (seed, stage, index): the data position is one integer per stage."""
+
+    def __init__(self, config: TrainConfig, model_config) -> None:
+        self.config = config
+        self.tokenizer = build_testbed_tokenizer()
+        processor = build_testbed_processor(model_config.vision_config.image_size, model_config.vision_config.patch_size)
+        self.mean = np.array(processor.image_processor.image_mean)
+        self.std = np.array(processor.image_processor.image_std)
+        self.patch = model_config.vision_config.patch_size
+        self.n_image = (model_config.vision_config.image_size // self.patch) ** 2
+        tok = self.tokenizer
+        self.prefix = [tok.bos_token_id, *tok.convert_tokens_to_ids(["user", ":"])]
+        self.prefix += [model_config.image_token_id] * self.n_image
+        self.assistant = tok.convert_tokens_to_ids(["assistant", ":"])
+        self.eos = tok.eos_token_id
+        self.pad = tok.pad_token_id
+        self.image_token_id = model_config.image_token_id
+
+    def scene_index(self, stage: str, index: int) -> int:
+        base = self.config.seed * _SEED_STRIDE + (_LM_SCENE_OFFSET if stage == "lm" else 0)
+        return base + index
+
+    def vision_batch(self, start: int) -> dict[str, torch.Tensor]:
+        """Images `start..start+vision_batch` of the vision stage: `pixel_values` and dense `targets`."""
+        scenes = [make_scene(scene_seed("train", self.scene_index("vision", start + k)))
+                  for k in range(self.config.vision_batch)]
+        return {"pixel_values": _pixels([s.image() for s in scenes], self.mean, self.std),
+                "targets": _targets(scenes, self.patch)}
+
+    def lm_batch(self, start: int) -> dict[str, torch.Tensor]:
+        """Images `start..start+lm_batch` of the LM stage with their packed question-answer blocks.
+
+        Returns `pixel_values` `(batch, 3, H, W)`, `targets` (dense), `input_ids` `(batch, L)`,
+        `attention_mask` `(batch, 1, L, L)` bool (True = may attend), `position_ids` `(batch, L)`, and
+        `label_index` `(n, 2)` (batch row, position whose logits predict) with `labels` `(n,)`.
+        """
+        config = self.config
+        scenes, rows = [], []
+        for k in range(config.lm_batch):
+            index = start + k
+            seed = scene_seed("train", self.scene_index("lm", index))
+            easy = index < config.easy_images
+            scene = make_scene(seed, min_objects=2, max_objects=3) if easy else make_scene(seed)
+            rng = np.random.default_rng([seed, 3])
+            questions = sample_questions(scene, config.where_per_image, config.other_per_image, rng)
+            scenes.append(scene)
+            rows.append(questions)
+        length = 0
+        encoded = []
+        for questions in rows:
+            blocks = []
+            for q in questions:
+                q_ids = self.tokenizer(q.text, add_special_tokens=False).input_ids + self.assistant
+                a_ids = self.tokenizer(q.answer, add_special_tokens=False).input_ids + [self.eos]
+                blocks.append((q_ids, a_ids))
+            encoded.append(blocks)
+            length = max(length, len(self.prefix) + sum(len(q) + len(a) for q, a in blocks))
+        batch = len(rows)
+        input_ids = torch.full((batch, length), self.pad, dtype=torch.long)
+        positions = torch.zeros((batch, length), dtype=torch.long)
+        mask = torch.zeros((batch, 1, length, length), dtype=torch.bool)
+        label_index, labels = [], []
+        n_prefix = len(self.prefix)
+        causal = torch.ones((n_prefix, n_prefix), dtype=torch.bool).tril()
+        for b, blocks in enumerate(encoded):
+            input_ids[b, :n_prefix] = torch.tensor(self.prefix)
+            positions[b, :n_prefix] = torch.arange(n_prefix)
+            mask[b, 0, :n_prefix, :n_prefix] = causal
+            cursor = n_prefix
+            for q_ids, a_ids in blocks:
+                ids = q_ids + a_ids
+                n = len(ids)
+                span = slice(cursor, cursor + n)
+                input_ids[b, span] = torch.tensor(ids)
+                positions[b, span] = torch.arange(n_prefix, n_prefix + n)
+                mask[b, 0, span, :n_prefix] = True
+                mask[b, 0, span, span] = torch.ones((n, n), dtype=torch.bool).tril()
+                for j, token in enumerate(a_ids):  # the token before each answer token predicts it
+                    label_index.append((b, cursor + len(q_ids) - 1 + j))
+                    labels.append(token)
+                cursor += n
+            for p in range(cursor, length):  # padding attends to itself only (no empty softmax rows)
+                mask[b, 0, p, p] = True
+                positions[b, p] = n_prefix
+        return {
+            "pixel_values": _pixels([s.image() for s in scenes], self.mean, self.std),
+            "targets": _targets(scenes, self.patch),
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "label_index": torch.tensor(label_index, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+
+def lm_logits(
+    model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """LLaVA's forward on a packed batch: logits `(n, vocab)` at `label_index` and the tower's hidden states.
+
+    The same computation as `LlavaModel.forward` (tower layer `vision_feature_layer`, [CLS] dropped,
+    projector, scatter into the `<image>` positions, the language model), with a custom 4-D mask and
+    positions, computing the LM head only where there are labels.
+    """
+    inner = model.model
+    vision = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
+    features = vision.hidden_states[model.config.vision_feature_layer][:, 1:]
+    image_embeds = inner.multi_modal_projector(features)
+    embeds = inner.get_input_embeddings()(batch["input_ids"])
+    image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+    hidden = inner.language_model(
+        inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).last_hidden_state
+    index = batch["label_index"]
+    return model.lm_head(hidden[index[:, 0], index[:, 1]]), vision.hidden_states
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _lr_lambda(warmup: int, total: int, final: float) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _grad_norm(params: list[nn.Parameter]) -> float:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+class Trainer:
+    """One training run in `out`: `Trainer(out, config).run(minutes=...)`; `Trainer.resume(out)` continues."""
+
+    def __init__(self, out: str, config: TrainConfig, *, log: Callable[[str], None] | None = print) -> None:
+        self.out = out
+        self.config = config
+        self.print = log or (lambda _: None)
+        os.makedirs(out, exist_ok=True)
+        self.model_config = testbed_config(**config.model)
+        self.model = build_testbed_model(self.model_config, seed=config.seed).train()
+        vision = self.model_config.vision_config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed + 1)
+            self.heads = DenseHeads(vision.hidden_size, vision.image_size // vision.patch_size)
+        self.batcher = _Batcher(config, self.model_config)
+        self.processor = build_testbed_processor(vision.image_size, vision.patch_size)
+        self.stage = "vision" if config.vision_images > 0 else "lm"
+        self.step = 0  # optimizer steps within the stage
+        self.images = 0  # images seen within the stage
+        self.questions = 0  # question-answer blocks seen (LM stage)
+        self.train_seconds = 0.0
+        self._make_optimizer()
+        self._running: dict[str, list[float]] = {}
+
+    # -- optimizer per stage
+    def _make_optimizer(self) -> None:
+        config = self.config
+        tower = list(self.model.model.vision_tower.parameters())
+        if self.stage == "vision":
+            groups = [{"params": tower + list(self.heads.parameters()), "lr": config.vision_lr}]
+        else:
+            tower_ids = {id(p) for p in tower}
+            rest = [p for p in self.model.parameters() if id(p) not in tower_ids]
+            groups = [
+                {"params": rest, "lr": config.lm_lr},
+                {"params": tower + list(self.heads.parameters()), "lr": config.lm_lr * config.tower_lr_scale},
+            ]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.98))
+        total = config.steps(self.stage)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(min(config.warmup_steps, max(1, total // 10)), total, config.final_lr_fraction)
+        )
+
+    # -- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "version": 1,
+            "config": dataclasses.asdict(self.config),
+            "stage": self.stage,
+            "step": self.step,
+            "images": self.images,
+            "questions": self.questions,
+            "train_seconds": self.train_seconds,
+            "model": self.model.state_dict(),
+            "heads": self.heads.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "running": self._running,
+        }
+
+    def save(self) -> None:
+        """Write `checkpoint.pt` atomically and the current model to `model/` (fp16, `from_pretrained`)."""
+        path = os.path.join(self.out, "checkpoint.pt")
+        torch.save(self.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+        save_testbed(self.model, os.path.join(self.out, "model"))
+
+    @classmethod
+    def resume(cls, out: str, *, log: Callable[[str], None] | None = print) -> Trainer:
+        """The trainer of `out/checkpoint.pt`, in the state it was saved in."""
+        state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+        trainer = cls(out, TrainConfig(**state["config"]), log=log)
+        trainer.stage = state["stage"]
+        trainer.step, trainer.images, trainer.questions = state["step"], state["images"], state["questions"]
+        trainer.train_seconds = state["train_seconds"]
+        trainer.model.load_state_dict(state["model"])
+        trainer.heads.load_state_dict(state["heads"])
+        if trainer.stage != "done":
+            trainer._make_optimizer()
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        trainer._running = state["running"]
+        return trainer
+
+    # -- logging
+    def _log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 1), "stage": self.stage, "step": self.step, "images": self.images,
+                  "questions": self.questions, "train_seconds": round(self.train_seconds, 1), **record}
+        with open(os.path.join(self.out, "log.jsonl"), "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _accumulate(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._running.setdefault(key, []).append(value)
+
+    def _flush_train_log(self) -> None:
+        if not self._running:
+            return
+        means = {k: round(sum(v) / len(v), 5) for k, v in self._running.items()}
+        self._running = {}
+        self._log({"event": "train", **means})
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+        self.print(f"[{self.stage} step {self.step}/{self.config.steps(self.stage)}] {shown}")
+
+    @torch.no_grad()
+    def dense_eval(self) -> dict[str, float]:
+        """Dense-head metrics on 64 held-out test scenes (the tower's own learning, independent of the LM)."""
+        scenes = [make_scene(scene_seed("test", 900_000 + k)) for k in range(64)]
+        pixels = _pixels([s.image() for s in scenes], self.batcher.mean, self.batcher.std)
+        hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        _, metrics = self.heads.loss(hidden, _targets(scenes, self.batcher.patch))
+        return metrics
+
+    def evaluate(self) -> None:
+        dense = {f"heldout_{k}": round(v, 4) for k, v in self.dense_eval().items()}
+        record: dict[str, object] = {"event": "eval", **dense}
+        if self.stage != "vision":
+            result = evaluate(self.model, self.processor, split="test", limit=self.config.eval_limit)
+            record.update(localization_acc=result.localization_acc, other_acc=result.other_acc,
+                          mean_iou=round(result.mean_iou, 4), per_kind=result.per_kind)
+            self.print(f"[eval {self.stage} images {self.images}] {result.summary()}")
+        self.print(f"[eval {self.stage} images {self.images}] dense: "
+                   + ", ".join(f"{k[8:]} {v:.3f}" for k, v in dense.items()))
+        self._log(record)
+
+    # -- steps
+    def _train_step(self) -> None:
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.stage == "vision":
+            batch = self.batcher.vision_batch(self.images)
+            hidden = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+            loss, metrics = self.heads.loss(hidden, batch["targets"])
+            n_images = config.vision_batch
+        else:
+            batch = self.batcher.lm_batch(self.images)
+            logits, hidden = lm_logits(self.model, batch)
+            lm_loss = F.cross_entropy(logits, batch["labels"])
+            dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"])
+            loss = lm_loss + config.dense_weight * dense_loss
+            accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
+            metrics = {"lm_loss": float(lm_loss), "token_acc": accuracy, "dense_loss": dense_metrics["dense_loss"],
+                       "colour_acc": dense_metrics["colour_acc"]}
+            n_images = config.lm_batch
+            self.questions += int((batch["labels"] == self.batcher.eos).sum())
+        loss.backward()
+        tower = list(self.model.model.vision_tower.parameters())
+        metrics["tower_grad"] = _grad_norm(tower)
+        if self.stage == "lm":
+            metrics["lm_grad"] = _grad_norm(list(self.model.model.language_model.parameters()))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._accumulate(metrics)
+        self.step += 1
+        self.images += n_images
+
+    def _eval_due(self, before: int) -> bool:
+        every = self.config.vision_eval_every_images if self.stage == "vision" else self.config.lm_eval_every_images
+        return every > 0 and before // every != self.images // every
+
+    def run(self, *, minutes: float | None = None, max_steps: int | None = None) -> str:
+        """Train until the run is done, `minutes` of wall time pass, or `max_steps` steps; returns the stage.
+
+        A checkpoint is written every `checkpoint_minutes`, at stage ends, and when this call returns.
+        """
+        start = time.time()
+        last_checkpoint = start
+        steps = 0
+        if self.stage == "vision" and self.step == 0:
+            self.evaluate()
+        while self.stage != "done":
+            if max_steps is not None and steps >= max_steps:
+                break
+            if minutes is not None and time.time() - start >= minutes * 60:
+                break
+            step_start = time.time()
+            before = self.images
+            self._train_step()
+            self.train_seconds += time.time() - step_start
+            steps += 1
+            if self.step % self.config.log_every_steps == 0:
+                self._flush_train_log()
+            stage_over = self.step >= self.config.steps(self.stage)
+            if self._eval_due(before) or stage_over:
+                self._flush_train_log()
+                self.evaluate()
+            if stage_over:
+                self.print(f"stage {self.stage} done after {self.images} images")
+                self.stage = "lm" if self.stage == "vision" and self.config.lm_images > 0 else "done"
+                self.step, self.images = 0, 0
+                if self.stage != "done":
+                    self._make_optimizer()
+                    self.evaluate()  # the new stage's starting point (chance level for the LM stage)
+                self.save()
+                last_checkpoint = time.time()
+            elif time.time() - last_checkpoint >= self.config.checkpoint_minutes * 60:
+                self.save()
+                last_checkpoint = time.time()
+        self._flush_train_log()
+        self.save()
+        return self.stage
+
+
+def train(
+    out: str,
+    config: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    minutes: float | None = None,
+    max_steps: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> Trainer:
+    """Start (or with `resume`, continue) the run in `out`; see `Trainer.run`. Returns the trainer."""
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    if resume and os.path.exists(checkpoint):
+        trainer = Trainer.resume(out, log=log)
+    else:
+        if os.path.exists(checkpoint):
+            raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass resume to continue it")
+        trainer = Trainer(out, config or TrainConfig(), log=log)
+        with open(os.path.join(out, "config.json"), "w") as handle:
+            json.dump(dataclasses.asdict(trainer.config), handle, indent=1)
+    trainer.run(minutes=minutes, max_steps=max_steps)
+    return trainer
