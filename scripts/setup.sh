@@ -22,6 +22,14 @@ PY
 .venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION}"
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
+# lmms-eval (optional, for its task suite) declares torchvision, wandb, openai, ... as dependencies; install it
+# without them, plus the ones its evaluator actually imports.
+if [ "${VLMPRUNE_SKIP_LMMS_EVAL:-0}" != "1" ]; then
+    .venv/bin/python -m pip install --quiet --no-deps "lmms-eval==0.7.3"
+    .venv/bin/python -m pip install --quiet loguru jsonlines pytablewriter evaluate tenacity sqlitedict pyyaml \
+        sacrebleu zstandard numexpr scikit-learn datasets
+fi
+
 if .venv/bin/python -m pip show --quiet torchvision >/dev/null 2>&1; then
     echo "warning: torchvision is installed in .venv; if transformers fails to import LLaVA," \
         "run: .venv/bin/python -m pip uninstall -y torchvision" >&2

@@ -35,7 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--samples", type=int, default=12, metavar="N", help="--run: per-sample pictures to draw (default 12)"
     )
-    parser.add_argument("--method", metavar="NAME", help="--run: only records of this method")
+    parser.add_argument(
+        "--method", metavar="NAME", help="--run: only records of this method; --trace: the method's name for titles"
+    )
     parser.add_argument("--task", metavar="NAME", help="--run: only records of this task")
     parser.add_argument("--image", metavar="FILE", help="--trace: the image the trace was made with")
     parser.add_argument(
@@ -61,9 +63,8 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, flag) is not None:
                 raise CommandError(f"--{flag} applies to --trace only")
         return _run_dir(args)
-    for flag in ("method", "task"):
-        if getattr(args, flag) is not None:
-            raise CommandError(f"--{flag} applies to --run only")
+    if args.task is not None:
+        raise CommandError("--task applies to --run only")
     return _run_trace(args)
 
 
@@ -101,16 +102,13 @@ def _save(figure, path: str) -> None:
 
 def _print_stages(summary: dict) -> None:
     for stage in summary["stages"]:
-        parts = [
-            f"stage {stage['stage']} (before layer {stage['layer']}, {stage['grid'][0]}x{stage['grid'][1]}):",
-            f"{stage['samples']} samples,",
-            f"{stage['mean_kept']:.1f} kept ({stage['mean_kept_fraction']:.0%}),",
-        ]
+        rows, cols = stage["grid"]
+        parts = [f"{stage['samples']} samples", f"{stage['mean_kept']:.1f} kept ({stage['mean_kept_fraction']:.0%})"]
         if stage["mean_vertical_position"] is not None:
             parts.append(f"mean vertical position {stage['mean_vertical_position']:.3f}")
         if stage["mean_box_token_share"] is not None:
             parts.append(f"target tokens kept {stage['mean_box_token_share']:.1%} ({stage['box_samples']} boxes)")
-        print(" ".join(parts))
+        print(f"stage {stage['stage']} (before layer {stage['layer']}, {rows}x{cols}): " + ", ".join(parts))
 
 
 def _run_dir(args: argparse.Namespace) -> int:
@@ -217,7 +215,13 @@ def _run_trace(args: argparse.Namespace) -> int:
     image = _load_image(args.image)
     try:
         record = record_from_trace(
-            trace, image=args.image, image_size=image.size, target_box=box, frame=args.frame, sample=args.sample
+            trace,
+            image=args.image,
+            image_size=image.size,
+            target_box=box,
+            frame=args.frame,
+            sample=args.sample,
+            method=args.method,
         )
         summary = summarize([record])
     except (KeyError, TypeError, ValueError) as error:

@@ -14,9 +14,11 @@ any directory written by `save_testbed`) with `from_pretrained`, offline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from vlmprune.testbed.scenes import COLOURS, IMAGE_SIZE, NUM_BINS, SHAPES, SIZES, bins_to_box
 from vlmprune.testing import LLAVA_CHAT_TEMPLATE
@@ -195,10 +198,23 @@ def save_testbed(model: LlavaForConditionalGeneration, path: str | os.PathLike[s
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     to_save = copy.deepcopy(model).to(torch.float16) if fp16 else model
-    to_save.save_pretrained(path)
     vision = model.config.vision_config
-    build_testbed_processor(vision.image_size, vision.patch_size).save_pretrained(path)
+    with _quiet():
+        to_save.save_pretrained(path)
+        build_testbed_processor(vision.image_size, vision.patch_size).save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No transformers progress bars inside (saving every few minutes would fill a training log with them)."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_testbed(
@@ -207,8 +223,12 @@ def load_testbed(
     """`(processor, model)` from `path` (default: the shipped `CHECKPOINT_DIR`), model in eval mode."""
     path = os.fspath(CHECKPOINT_DIR if path is None else path)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no testbed model in {path} (config.json missing); train one with "
-                                "`vlmprune testbed train`")
-    processor = LlavaProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+        raise FileNotFoundError(
+            f"no testbed model in {path} (config.json missing); train one with `vlmprune testbed train`"
+        )
+    with _quiet():
+        processor = LlavaProcessor.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
     return processor, model.eval()

@@ -182,8 +182,9 @@ def make_scene(seed: int, *, min_objects: int = 3, max_objects: int = 5, size: i
         ):
             continue
         placed.append((x0, y0, side))
-        attributes.append((SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))],
-                           size_name))
+        attributes.append(
+            (SHAPES[int(rng.integers(len(SHAPES)))], list(COLOURS)[int(rng.integers(len(COLOURS)))], size_name)
+        )
     objects = []
     for footprint, (shape, colour, size_name) in zip(placed, attributes, strict=True):
         mask = _draw_mask(shape, footprint, size)
@@ -255,7 +256,7 @@ def _where(scene: Scene, index: int, rng: np.random.Generator) -> Question | Non
 
 
 def _attribute_question(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
-    """"what colour / shape / size is the ...?" about an object described by the other two attributes."""
+    """ "what colour / shape / size is the ...?" about an object described by the other two attributes."""
     others = tuple(a for a in ("size", "colour", "shape") if a != kind)
     candidates = []
     for index in range(len(scene.objects)):

@@ -30,6 +30,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,7 +61,7 @@ from vlmprune.testbed.scenes import (
     scene_seed,
 )
 
-__all__ = ["DenseHeads", "TrainConfig", "Trainer", "train"]
+__all__ = ["DenseHeads", "TrainConfig", "Trainer", "lm_logits", "train"]
 
 _SEED_STRIDE = 40_000_000  # training scenes of seed s: [s * stride, (s + 1) * stride), all below the test range
 _LM_SCENE_OFFSET = 20_000_000  # the LM stage's scenes start here within a seed's range
@@ -86,6 +88,7 @@ class TrainConfig:
     easy_images: int = 32_000
     # both stages
     warmup_steps: int = 100
+    decay_fraction: float = 0.2  # the learning rate decays linearly over this last fraction of a stage
     final_lr_fraction: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -96,6 +99,8 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not 0 <= self.seed < TEST_SEED_OFFSET // _SEED_STRIDE:
             raise ValueError(f"seed must be in [0, {TEST_SEED_OFFSET // _SEED_STRIDE}), got {self.seed}")
         for name in ("vision_batch", "lm_batch", "log_every_steps", "eval_limit"):
@@ -147,7 +152,7 @@ class DenseHeads(nn.Module):
         `hidden_states`: the tower's per-layer states `(batch, 1 + patches, hidden)` ([CLS] first);
         `targets`: `patch_targets` stacked over the batch, each `(batch, patches[, 4])`.
         """
-        total = torch.zeros(())
+        total = hidden_states[0].new_zeros(())
         metrics: dict[str, float] = {}
         obj = targets["colour"] > 0
         for index, layer in enumerate(self.layers):
@@ -156,18 +161,17 @@ class DenseHeads(nn.Module):
             for name in ("colour", "shape", "size", "row", "col"):
                 loss = loss + F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=-100)
             if obj.any():
-                loss = loss + 10.0 * F.smooth_l1_loss(
-                    logits["box"][obj].sigmoid(), targets["box"][obj], beta=0.05
-                )
+                loss = loss + 10.0 * F.smooth_l1_loss(logits["box"][obj].sigmoid(), targets["box"][obj], beta=0.05)
             total = total + loss / len(self.layers)
             if index == 0:
                 with torch.no_grad():
-                    metrics["dense_loss"] = float(loss)
+                    metrics["dense_loss"] = loss.item()
                     fg_pred = logits["fg"].squeeze(-1) > 0
                     metrics["fg_acc"] = float((fg_pred == (targets["fg"] > 0.5)).float().mean())
                     for name in ("colour", "shape", "size"):
                         pred = logits[name].argmax(-1)
-                        metrics[f"{name}_acc"] = float((pred[obj] == targets[name][obj]).float().mean()) if obj.any() else 0.0
+                        right = (pred[obj] == targets[name][obj]).float()
+                        metrics[f"{name}_acc"] = float(right.mean()) if obj.any() else 0.0
                     rowcol = (logits["row"].argmax(-1) == targets["row"]) & (logits["col"].argmax(-1) == targets["col"])
                     metrics["rowcol_acc"] = float(rowcol.float().mean())
                     if obj.any():
@@ -195,7 +199,8 @@ class _Batcher:
     def __init__(self, config: TrainConfig, model_config) -> None:
         self.config = config
         self.tokenizer = build_testbed_tokenizer()
-        processor = build_testbed_processor(model_config.vision_config.image_size, model_config.vision_config.patch_size)
+        vision = model_config.vision_config
+        processor = build_testbed_processor(vision.image_size, vision.patch_size)
         self.mean = np.array(processor.image_processor.image_mean)
         self.std = np.array(processor.image_processor.image_std)
         self.patch = model_config.vision_config.patch_size
@@ -214,10 +219,14 @@ class _Batcher:
 
     def vision_batch(self, start: int) -> dict[str, torch.Tensor]:
         """Images `start..start+vision_batch` of the vision stage: `pixel_values` and dense `targets`."""
-        scenes = [make_scene(scene_seed("train", self.scene_index("vision", start + k)))
-                  for k in range(self.config.vision_batch)]
-        return {"pixel_values": _pixels([s.image() for s in scenes], self.mean, self.std),
-                "targets": _targets(scenes, self.patch)}
+        scenes = [
+            make_scene(scene_seed("train", self.scene_index("vision", start + k)))
+            for k in range(self.config.vision_batch)
+        ]
+        return {
+            "pixel_values": _pixels([s.image() for s in scenes], self.mean, self.std),
+            "targets": _targets(scenes, self.patch),
+        }
 
     def lm_batch(self, start: int) -> dict[str, torch.Tensor]:
         """Images `start..start+lm_batch` of the LM stage with their packed question-answer blocks.
@@ -243,7 +252,7 @@ class _Batcher:
             blocks = []
             for q in questions:
                 q_ids = self.tokenizer(q.text, add_special_tokens=False).input_ids + self.assistant
-                a_ids = self.tokenizer(q.answer, add_special_tokens=False).input_ids + [self.eos]
+                a_ids = [*self.tokenizer(q.answer, add_special_tokens=False).input_ids, self.eos]
                 blocks.append((q_ids, a_ids))
             encoded.append(blocks)
             length = max(length, len(self.prefix) + sum(len(q) + len(a) for q, a in blocks))
@@ -311,14 +320,27 @@ def lm_logits(
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def _lr_lambda(warmup: int, total: int, final: float) -> Callable[[int], float]:
+def _lr_lambda(warmup: int, total: int, decay: float, final: float) -> Callable[[int], float]:
+    """Warm-up, then constant, then a linear decay to `final` over the last `decay` fraction of `total` steps.
+
+    Warm-up-stable-decay rather than cosine: until the decay starts, the factor does not depend on `total`, so
+    a run can be lengthened on resume (`Trainer.extend`) and still match a run planned that long from the start.
+    """
+    decay_start = int(total * (1 - decay))
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - final) * min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
 
     return factor
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    """`batch` (tensors and one nested dict of tensors) on `device`."""
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
 
 
 def _grad_norm(params: list[nn.Parameter]) -> float:
@@ -326,11 +348,32 @@ def _grad_norm(params: list[nn.Parameter]) -> float:
     return float(torch.stack(norms).norm()) if norms else 0.0
 
 
+class _StopOnSignal:
+    """Turns SIGTERM (and SIGINT) into a request to stop after the current step, so a killed run checkpoints."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = signum
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+
 class Trainer:
     """One training run in `out`: `Trainer(out, config).run(minutes=...)`; `Trainer.resume(out)` continues."""
 
-    def __init__(self, out: str, config: TrainConfig, *, log: Callable[[str], None] | None = print) -> None:
+    def __init__(
+        self, out: str, config: TrainConfig, *, log: Callable[[str], None] | None = print, device: str = "cpu"
+    ) -> None:
         self.out = out
+        self.device = torch.device(device)
         self.config = config
         self.print = log or (lambda _: None)
         os.makedirs(out, exist_ok=True)
@@ -340,6 +383,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
             self.heads = DenseHeads(vision.hidden_size, vision.image_size // vision.patch_size)
+        self.model.to(self.device)
+        self.heads.to(self.device)
         self.batcher = _Batcher(config, self.model_config)
         self.processor = build_testbed_processor(vision.image_size, vision.patch_size)
         self.stage = "vision" if config.vision_images > 0 else "lm"
@@ -365,9 +410,33 @@ class Trainer:
             ]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.98))
         total = config.steps(self.stage)
+        warmup = max(1, min(config.warmup_steps, total))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(min(config.warmup_steps, max(1, total // 10)), total, config.final_lr_fraction)
+            self.optimizer, _lr_lambda(warmup, total, config.decay_fraction, config.final_lr_fraction)
         )
+
+    def decay_started(self) -> bool:
+        """Whether the current stage's learning rate has begun its final decay."""
+        return self.step >= int(self.config.steps(self.stage) * (1 - self.config.decay_fraction))
+
+    def extend(self, lm_images: int) -> None:
+        """Lengthen (or shorten) the LM stage to `lm_images` before its decay has started.
+
+        The learning rate so far does not depend on the stage's length (warm-up-stable-decay), so the result
+        equals a run configured with `lm_images` from the start.
+        """
+        if lm_images == self.config.lm_images:
+            return
+        if self.stage == "done" or (self.stage == "lm" and self.decay_started()):
+            raise ValueError(f"cannot change lm_images in stage {self.stage!r}: the learning-rate decay has started")
+        if self.stage == "lm" and lm_images < self.images + self.config.lm_batch:
+            raise ValueError(f"lm_images {lm_images} is not beyond the {self.images} images already seen")
+        self.config = dataclasses.replace(self.config, lm_images=lm_images)
+        if self.stage == "lm":
+            optimizer_state, scheduler_state = self.optimizer.state_dict(), self.scheduler.state_dict()
+            self._make_optimizer()
+            self.optimizer.load_state_dict(optimizer_state)
+            self.scheduler.load_state_dict(scheduler_state)
 
     # -- checkpoints
     def state_dict(self) -> dict:
@@ -392,13 +461,14 @@ class Trainer:
         path = os.path.join(self.out, "checkpoint.pt")
         torch.save(self.state_dict(), path + ".tmp")
         os.replace(path + ".tmp", path)
-        save_testbed(self.model, os.path.join(self.out, "model"))
+        save_testbed(self.model.cpu(), os.path.join(self.out, "model"))
+        self.model.to(self.device)
 
     @classmethod
-    def resume(cls, out: str, *, log: Callable[[str], None] | None = print) -> Trainer:
+    def resume(cls, out: str, *, log: Callable[[str], None] | None = print, device: str = "cpu") -> Trainer:
         """The trainer of `out/checkpoint.pt`, in the state it was saved in."""
-        state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
-        trainer = cls(out, TrainConfig(**state["config"]), log=log)
+        state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False, map_location="cpu")
+        trainer = cls(out, TrainConfig(**state["config"]), log=log, device=device)
         trainer.stage = state["stage"]
         trainer.step, trainer.images, trainer.questions = state["step"], state["images"], state["questions"]
         trainer.train_seconds = state["train_seconds"]
@@ -414,8 +484,15 @@ class Trainer:
 
     # -- logging
     def _log(self, record: dict) -> None:
-        record = {"time": round(time.time(), 1), "stage": self.stage, "step": self.step, "images": self.images,
-                  "questions": self.questions, "train_seconds": round(self.train_seconds, 1), **record}
+        record = {
+            "time": round(time.time(), 1),
+            "stage": self.stage,
+            "step": self.step,
+            "images": self.images,
+            "questions": self.questions,
+            "train_seconds": round(self.train_seconds, 1),
+            **record,
+        }
         with open(os.path.join(self.out, "log.jsonl"), "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -436,9 +513,10 @@ class Trainer:
     def dense_eval(self) -> dict[str, float]:
         """Dense-head metrics on 64 held-out test scenes (the tower's own learning, independent of the LM)."""
         scenes = [make_scene(scene_seed("test", 900_000 + k)) for k in range(64)]
-        pixels = _pixels([s.image() for s in scenes], self.batcher.mean, self.batcher.std)
+        pixels = _pixels([s.image() for s in scenes], self.batcher.mean, self.batcher.std).to(self.device)
         hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
-        _, metrics = self.heads.loss(hidden, _targets(scenes, self.batcher.patch))
+        targets = {k: v.to(self.device) for k, v in _targets(scenes, self.batcher.patch).items()}
+        _, metrics = self.heads.loss(hidden, targets)
         return metrics
 
     def evaluate(self) -> None:
@@ -446,11 +524,17 @@ class Trainer:
         record: dict[str, object] = {"event": "eval", **dense}
         if self.stage != "vision":
             result = evaluate(self.model, self.processor, split="test", limit=self.config.eval_limit)
-            record.update(localization_acc=result.localization_acc, other_acc=result.other_acc,
-                          mean_iou=round(result.mean_iou, 4), per_kind=result.per_kind)
+            record.update(
+                localization_acc=result.localization_acc,
+                other_acc=result.other_acc,
+                mean_iou=round(result.mean_iou, 4),
+                per_kind=result.per_kind,
+            )
             self.print(f"[eval {self.stage} images {self.images}] {result.summary()}")
-        self.print(f"[eval {self.stage} images {self.images}] dense: "
-                   + ", ".join(f"{k[8:]} {v:.3f}" for k, v in dense.items()))
+        self.print(
+            f"[eval {self.stage} images {self.images}] dense: "
+            + ", ".join(f"{k[8:]} {v:.3f}" for k, v in dense.items())
+        )
         self._log(record)
 
     # -- steps
@@ -458,19 +542,23 @@ class Trainer:
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
         if self.stage == "vision":
-            batch = self.batcher.vision_batch(self.images)
+            batch = _to(self.batcher.vision_batch(self.images), self.device)
             hidden = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
             loss, metrics = self.heads.loss(hidden, batch["targets"])
             n_images = config.vision_batch
         else:
-            batch = self.batcher.lm_batch(self.images)
+            batch = _to(self.batcher.lm_batch(self.images), self.device)
             logits, hidden = lm_logits(self.model, batch)
             lm_loss = F.cross_entropy(logits, batch["labels"])
             dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"])
             loss = lm_loss + config.dense_weight * dense_loss
             accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
-            metrics = {"lm_loss": float(lm_loss), "token_acc": accuracy, "dense_loss": dense_metrics["dense_loss"],
-                       "colour_acc": dense_metrics["colour_acc"]}
+            metrics = {
+                "lm_loss": lm_loss.item(),
+                "token_acc": accuracy,
+                "dense_loss": dense_metrics["dense_loss"],
+                "colour_acc": dense_metrics["colour_acc"],
+            }
             n_images = config.lm_batch
             self.questions += int((batch["labels"] == self.batcher.eos).sum())
         loss.backward()
@@ -499,38 +587,45 @@ class Trainer:
         start = time.time()
         last_checkpoint = start
         steps = 0
-        if self.stage == "vision" and self.step == 0:
-            self.evaluate()
-        while self.stage != "done":
-            if max_steps is not None and steps >= max_steps:
-                break
-            if minutes is not None and time.time() - start >= minutes * 60:
-                break
-            step_start = time.time()
-            before = self.images
-            self._train_step()
-            self.train_seconds += time.time() - step_start
-            steps += 1
-            if self.step % self.config.log_every_steps == 0:
-                self._flush_train_log()
-            stage_over = self.step >= self.config.steps(self.stage)
-            if self._eval_due(before) or stage_over:
-                self._flush_train_log()
+        stop = _StopOnSignal()
+        try:
+            if self.stage == "vision" and self.step == 0:
                 self.evaluate()
-            if stage_over:
-                self.print(f"stage {self.stage} done after {self.images} images")
-                self.stage = "lm" if self.stage == "vision" and self.config.lm_images > 0 else "done"
-                self.step, self.images = 0, 0
-                if self.stage != "done":
-                    self._make_optimizer()
-                    self.evaluate()  # the new stage's starting point (chance level for the LM stage)
-                self.save()
-                last_checkpoint = time.time()
-            elif time.time() - last_checkpoint >= self.config.checkpoint_minutes * 60:
-                self.save()
-                last_checkpoint = time.time()
-        self._flush_train_log()
-        self.save()
+            while self.stage != "done":
+                if stop.requested:
+                    self.print(f"signal {stop.requested}: checkpointing and stopping")
+                    break
+                if max_steps is not None and steps >= max_steps:
+                    break
+                if minutes is not None and time.time() - start >= minutes * 60:
+                    break
+                step_start = time.time()
+                before = self.images
+                self._train_step()
+                self.train_seconds += time.time() - step_start
+                steps += 1
+                if self.step % self.config.log_every_steps == 0:
+                    self._flush_train_log()
+                stage_over = self.step >= self.config.steps(self.stage)
+                if self._eval_due(before) or stage_over:
+                    self._flush_train_log()
+                    self.evaluate()
+                if stage_over:
+                    self.print(f"stage {self.stage} done after {self.images} images")
+                    self.stage = "lm" if self.stage == "vision" and self.config.lm_images > 0 else "done"
+                    self.step, self.images = 0, 0
+                    if self.stage != "done":
+                        self._make_optimizer()
+                        self.evaluate()  # the new stage's starting point (chance level for the LM stage)
+                    self.save()
+                    last_checkpoint = time.time()
+                elif time.time() - last_checkpoint >= self.config.checkpoint_minutes * 60:
+                    self.save()
+                    last_checkpoint = time.time()
+            self._flush_train_log()
+            self.save()
+        finally:
+            stop.restore()
         return self.stage
 
 
@@ -542,15 +637,16 @@ def train(
     minutes: float | None = None,
     max_steps: int | None = None,
     log: Callable[[str], None] | None = print,
+    device: str = "cpu",
 ) -> Trainer:
     """Start (or with `resume`, continue) the run in `out`; see `Trainer.run`. Returns the trainer."""
     checkpoint = os.path.join(out, "checkpoint.pt")
     if resume and os.path.exists(checkpoint):
-        trainer = Trainer.resume(out, log=log)
+        trainer = Trainer.resume(out, log=log, device=device)
     else:
         if os.path.exists(checkpoint):
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass resume to continue it")
-        trainer = Trainer(out, config or TrainConfig(), log=log)
+        trainer = Trainer(out, config or TrainConfig(), log=log, device=device)
         with open(os.path.join(out, "config.json"), "w") as handle:
             json.dump(dataclasses.asdict(trainer.config), handle, indent=1)
     trainer.run(minutes=minutes, max_steps=max_steps)

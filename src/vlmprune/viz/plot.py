@@ -163,7 +163,7 @@ def plot_sample(record: Mapping, image: Image.Image | None = None, *, fill=LLAVA
     method = record.get("method") or "pruned"
 
     panel_w, panel_h = 3.6 * min(1.0, aspect), 3.6 / max(1.0, aspect)  # inches; cells stay square
-    figure = _new_figure(panel_w * (1 + len(stages)) + 0.4, panel_h + 1.2)
+    figure = _new_figure(panel_w * (1 + len(stages)) + 0.4, panel_h + 1.0)
     axes = figure.subplots(1, 1 + len(stages), squeeze=False)[0]
 
     ax = axes[0]

@@ -103,7 +103,7 @@ def record_from_trace(
         records_stages.append({"layer": int(entry["layer"]), "grid": [rows, cols], "kept": kept})
     return {
         "task": None,
-        "id": str(sample),
+        "id": None,
         "method": method,
         "image": image,
         "image_size": list(image_size) if image_size is not None else None,

@@ -1,0 +1,157 @@
+"""`vlmprune testbed`: train the grounding testbed model, or evaluate one (both accuracies, unpruned)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import time
+
+from vlmprune.cli._common import CommandError, parse_params
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "testbed",
+        help="train or evaluate the tiny grounding testbed model",
+        description="The offline grounding testbed: a tiny LLaVA trained on procedural scenes.",
+    )
+    actions = parser.add_subparsers(dest="testbed_command", metavar="ACTION", required=True)
+
+    train = actions.add_parser(
+        "train",
+        help="train the testbed model (resumable)",
+        description=(
+            "Train the testbed model from a seed: dense per-patch supervision of the vision tower, then the "
+            "projector and language model on questions. Checkpoints every few minutes into OUT; --resume "
+            "continues an interrupted run exactly where it stopped. Logs both accuracies to OUT/log.jsonl."
+        ),
+    )
+    train.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, log, model/)")
+    train.add_argument("--minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
+    train.add_argument("--seed", type=int, default=0, help="run seed (default: 0); ignored with --resume")
+    train.add_argument("--resume", action="store_true", help="continue the run in DIR if it has a checkpoint")
+    train.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field for a new run, repeatable (e.g. --set lm_batch=8 "
+        "--set \"model={'text_layers': 2}\"); with --resume only lm_images may change",
+    )
+    train.add_argument("--max-steps", type=int, metavar="N", help=argparse.SUPPRESS)  # tests
+    train.set_defaults(run=run)
+
+    evaluate = actions.add_parser(
+        "eval",
+        help="evaluate a testbed model (unpruned)",
+        description="Localization Acc@IoU>=0.5 and other-question accuracy of the unpruned model, greedy decoding.",
+    )
+    evaluate.add_argument("--model", metavar="DIR", help="model directory (default: the shipped checkpoint)")
+    evaluate.add_argument("--split", choices=("test", "train"), default="test", help="scene split (default: test)")
+    evaluate.add_argument("--limit", type=int, default=500, metavar="N", help="number of scenes (default: 500)")
+    evaluate.add_argument("--batch-size", type=int, default=32, metavar="N")
+    evaluate.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    evaluate.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CommandError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.testbed_command == "train":
+        return _train(args)
+    return _eval(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vlmprune.testbed.train import TrainConfig, Trainer
+
+    overrides = parse_params(args.set)
+    if args.minutes is not None and args.minutes <= 0:
+        raise CommandError(f"--minutes must be > 0, got {args.minutes}")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise CommandError(f"unknown TrainConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    os.makedirs(args.out, exist_ok=True)
+    checkpoint = os.path.join(args.out, "checkpoint.pt")
+    with open(os.path.join(args.out, "command.txt"), "a") as handle:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        handle.write(f"{stamp} vlmprune {shlex.join(_argv(args))}\n")
+    if os.path.exists(checkpoint):
+        if not args.resume:
+            raise CommandError(f"{args.out} already holds a run; pass --resume to continue it, or another --out")
+        if set(overrides) - {"lm_images"}:
+            raise CommandError("with --resume only --set lm_images=N may change (the run keeps its own config)")
+        trainer = Trainer.resume(args.out, device=args.device)
+        if "lm_images" in overrides:
+            try:
+                trainer.extend(int(overrides["lm_images"]))  # type: ignore[call-overload]
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+        print(f"resuming {args.out}: stage {trainer.stage}, step {trainer.step}, {trainer.images} images")
+    else:
+        try:
+            config = TrainConfig(**{**overrides, "seed": overrides.get("seed", args.seed)})  # type: ignore[arg-type]
+        except (TypeError, ValueError) as error:
+            raise CommandError(f"invalid training configuration: {error}") from None
+        trainer = Trainer(args.out, config, device=args.device)
+        with open(os.path.join(args.out, "config.json"), "w") as handle:
+            json.dump(dataclasses.asdict(config), handle, indent=1)
+    stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps)
+    print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
+    return 0
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The command line of this `testbed train` call, rebuilt from its parsed arguments (for command.txt)."""
+    argv = ["testbed", "train", "--out", args.out, "--seed", str(args.seed)]
+    if args.minutes is not None:
+        argv += ["--minutes", str(args.minutes)]
+    if args.resume:
+        argv.append("--resume")
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.device != "cpu":
+        argv += ["--device", args.device]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from vlmprune.testbed.evaluate import evaluate
+    from vlmprune.testbed.model import CHECKPOINT_DIR, load_testbed
+
+    if args.limit < 1:
+        raise CommandError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    path = args.model or str(CHECKPOINT_DIR)
+    try:
+        processor, model = load_testbed(path)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load testbed model {path}: {error}") from None
+    start = time.time()
+    result = evaluate(model, processor, split=args.split, limit=args.limit, batch_size=args.batch_size)
+    print(f"model: {path}")
+    print(f"split: {args.split}, scenes: {result.n} ({time.time() - start:.1f} s)")
+    print(f"localization Acc@IoU>=0.5: {result.localization_acc:.3f}  (mean IoU {result.mean_iou:.3f})")
+    print(f"other questions:           {result.other_acc:.3f}")
+    for kind, accuracy in result.per_kind.items():
+        print(f"  {kind:<8} {accuracy:.3f}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"model": path, "split": args.split, **result.to_dict()}, handle, indent=1)
+    return 0

@@ -1,0 +1,380 @@
+"""The grounding testbed: scenes, questions, tokenizer/processor, training (resumable) and the CLI."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from vlmprune.cli.main import main
+from vlmprune.testbed.evaluate import evaluate
+from vlmprune.testbed.model import (
+    CHECKPOINT_DIR,
+    build_testbed_processor,
+    build_testbed_tokenizer,
+    load_testbed,
+    parse_box,
+    prompt_text,
+    save_testbed,
+)
+from vlmprune.testbed.model import (
+    testbed_config as make_config,
+)
+from vlmprune.testbed.scenes import (
+    COLOURS,
+    IMAGE_SIZE,
+    NUM_BINS,
+    OTHER_KINDS,
+    SHAPES,
+    TEST_SEED_OFFSET,
+    bins_to_box,
+    box_iou,
+    box_to_bins,
+    eval_questions,
+    make_scene,
+    patch_targets,
+    sample_questions,
+    scene_seed,
+)
+from vlmprune.testbed.train import TrainConfig, Trainer, _Batcher, lm_logits, train
+
+TINY_MODEL = {
+    "text_layers": 2,
+    "text_hidden": 32,
+    "text_heads": 2,
+    "text_intermediate": 64,
+    "vision_hidden": 32,
+    "vision_layers": 2,
+    "patch_size": 28,  # an 8x8 grid keeps the tests fast
+}
+
+
+def tiny_train_config(**overrides) -> TrainConfig:
+    fields = {
+        "model": TINY_MODEL,
+        "vision_images": 32,
+        "vision_batch": 16,
+        "lm_images": 32,
+        "lm_batch": 4,
+        "where_per_image": 2,
+        "other_per_image": 2,
+        "easy_images": 8,
+        "warmup_steps": 2,
+        "log_every_steps": 2,
+        "vision_eval_every_images": 0,
+        "lm_eval_every_images": 0,
+        "eval_limit": 2,
+        **overrides,
+    }
+    return TrainConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+
+
+def test_scenes_are_deterministic_and_differ_between_seeds():
+    a, b = make_scene(123), make_scene(123)
+    assert a.objects == b.objects and a.background == b.background
+    assert np.array_equal(np.asarray(a.image()), np.asarray(b.image()))
+    assert make_scene(124).objects != a.objects
+    assert eval_questions("test", 5)[1:] == eval_questions("test", 5)[1:]
+    rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+    assert sample_questions(a, 3, 3, rng_a) == sample_questions(b, 3, 3, rng_b)
+
+
+def test_splits_are_disjoint_seed_ranges():
+    assert scene_seed("train", 7) == 7
+    assert scene_seed("test", 7) == TEST_SEED_OFFSET + 7
+    with pytest.raises(ValueError, match="train scene index"):
+        scene_seed("train", TEST_SEED_OFFSET)
+    with pytest.raises(ValueError, match="split"):
+        scene_seed("val", 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_boxes_match_the_drawn_pixels(seed):
+    scene = make_scene(seed)
+    pixels = np.asarray(scene.image()).astype(int)
+    assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert 3 <= len(scene.objects) <= 5
+    foreground = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for obj in scene.objects:
+        x0, y0, side = obj.footprint
+        region = np.zeros_like(foreground)
+        region[y0 : y0 + side, x0 : x0 + side] = True
+        assert not (region & foreground).any(), "objects overlap"
+        drawn = region & (pixels == COLOURS[obj.colour]).all(axis=-1)
+        foreground |= region
+        rows, cols = np.nonzero(drawn.any(axis=1))[0], np.nonzero(drawn.any(axis=0))[0]
+        expected = (
+            cols[0] / IMAGE_SIZE,
+            rows[0] / IMAGE_SIZE,
+            (cols[-1] + 1) / IMAGE_SIZE,
+            (rows[-1] + 1) / IMAGE_SIZE,
+        )
+        assert obj.box == pytest.approx(expected)
+        # a square fills its box, a circle or triangle about pi/4 or 1/2 of it
+        fill = drawn.sum() / (len(rows) * len(cols))
+        assert {"square": 1.0, "circle": 0.79, "triangle": 0.52}[obj.shape] == pytest.approx(fill, abs=0.08)
+    # everything else is the flat background
+    assert (pixels[~foreground] == scene.background).all()
+
+
+def test_objects_are_placed_across_the_whole_image_including_the_top():
+    centres = np.array(
+        [((o.box[0] + o.box[2]) / 2, (o.box[1] + o.box[3]) / 2) for s in range(300) for o in make_scene(s).objects]
+    )
+    assert (centres[:, 1] < 0.15).mean() > 0.05  # the top rows are used
+    assert (centres[:, 1] > 0.85).mean() > 0.05
+    assert abs(centres[:, 1].mean() - 0.5) < 0.05 and abs(centres[:, 0].mean() - 0.5) < 0.05
+
+
+def _referents(scene, phrase: str):
+    """Objects matching "the [size] [colour] <shape|object>"."""
+    words = phrase.split()
+    assert words[0] == "the"
+    noun = words[-1]
+    return [
+        o
+        for o in scene.objects
+        if all(w in (o.size, o.colour) for w in words[1:-1]) and (noun == "object" or noun == o.shape)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_answers_are_correct(seed):
+    scene = make_scene(seed)
+    questions = sample_questions(scene, 5, 30, np.random.default_rng(seed))
+    kinds = set()
+    for q in questions:
+        kinds.add(q.kind)
+        if m := re.fullmatch(r"where is (.+) \?", q.text):
+            (obj,) = _referents(scene, m.group(1))  # the expression identifies exactly one object
+            assert q.box == obj.box
+            assert q.answer == " ".join(f"<b{k:02d}>" for k in box_to_bins(obj.box))
+            assert box_iou(parse_box(q.answer), obj.box) >= 0.5
+        elif m := re.fullmatch(r"what (colour|shape|size) is (.+) \?", q.text):
+            (obj,) = _referents(scene, m.group(2))
+            assert q.answer == obj.attribute(m.group(1))
+            assert obj.attribute(m.group(1)) not in m.group(2).split()  # the question does not give it away
+        elif q.text == "how many objects are there ?":
+            assert q.answer == str(len(scene.objects))
+        elif m := re.fullmatch(r"how many (\w+) objects are there \?", q.text):
+            assert q.answer == str(sum(o.colour == m.group(1) for o in scene.objects))
+        elif m := re.fullmatch(r"how many (\w+)s are there \?", q.text):
+            assert q.answer == str(sum(o.shape == m.group(1) for o in scene.objects))
+        elif m := re.fullmatch(r"is there an? (\w+) (\w+) \?", q.text):
+            present = any(o.colour == m.group(1) and o.shape == m.group(2) for o in scene.objects)
+            assert q.answer == ("yes" if present else "no")
+        else:
+            raise AssertionError(f"unexpected question {q.text!r}")
+    assert {"where", "count", "exist"} <= kinds
+
+
+def test_existence_answers_are_balanced_and_eval_covers_every_kind():
+    answers = [
+        q.answer
+        for s in range(200)
+        for q in sample_questions(make_scene(s), 0, 10, np.random.default_rng(s))
+        if q.kind == "exist"
+    ]
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+    kinds = [eval_questions("test", i)[2].kind for i in range(50)]
+    assert set(kinds) == set(OTHER_KINDS)
+
+
+def test_bins_round_trip_within_half_a_bin():
+    box = (0.0, 0.1234, 0.5, 1.0)
+    bins = box_to_bins(box)
+    assert all(0 <= b < NUM_BINS for b in bins)
+    assert bins_to_box(bins) == pytest.approx(box, abs=0.5 / NUM_BINS)
+    assert parse_box("<b01> <b02> <b30> <b31>") == pytest.approx(bins_to_box([1, 2, 30, 31]))
+    assert parse_box("<b01> <b02>") is None
+    assert parse_box("red") is None
+
+
+def test_patch_targets_label_objects_and_background():
+    scene = make_scene(3)
+    targets = patch_targets(scene)
+    n = (IMAGE_SIZE // 14) ** 2
+    assert targets["fg"].shape == (n,) and targets["box"].shape == (n, 4)
+    inside = targets["fg"] >= 0.99
+    assert inside.any() and (targets["colour"][inside] > 0).all()
+    assert (targets["colour"][targets["fg"] == 0] == 0).all()
+    assert targets["row"][17] == 1 and targets["col"][17] == 1
+    for p in np.nonzero(inside)[0]:
+        obj = next(o for o in scene.objects if tuple(targets["box"][p]) == pytest.approx(o.box))
+        assert targets["colour"][p] == 1 + list(COLOURS).index(obj.colour)
+        assert targets["shape"][p] == 1 + SHAPES.index(obj.shape)
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+
+
+def test_tokenizer_keeps_bin_tokens_whole_and_decodes_answers():
+    tokenizer = build_testbed_tokenizer()
+    ids = tokenizer("<b12> <b03> <b20> <b09>", add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<b12>", "<b03>", "<b20>", "<b09>"]
+    text = tokenizer.decode([*ids, tokenizer.eos_token_id], skip_special_tokens=True)
+    assert parse_box(text) == pytest.approx(bins_to_box([12, 3, 20, 9]))
+    question = "where is the small red triangle ?"
+    assert tokenizer.unk_token_id not in tokenizer(question).input_ids
+
+
+def test_processor_prompt_and_pixels_match_the_training_batches():
+    processor = build_testbed_processor()
+    config = make_config()
+    batcher = _Batcher(TrainConfig(), config)
+    scene = make_scene(1)
+    question = "how many objects are there ?"
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == prompt_text(question)
+    inputs = processor(images=[scene.image()], text=[prompt_text(question)], return_tensors="pt")
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 256
+    q_ids = batcher.tokenizer(question, add_special_tokens=False).input_ids
+    assert inputs["input_ids"][0].tolist() == batcher.prefix + q_ids + batcher.assistant
+    from vlmprune.testbed.train import _pixels
+
+    assert torch.allclose(_pixels([scene.image()], batcher.mean, batcher.std), inputs["pixel_values"], atol=1e-6)
+
+
+def test_packed_question_blocks_match_separate_forwards():
+    config = tiny_train_config(lm_batch=2)
+    model_config = make_config(**TINY_MODEL)
+    from vlmprune.testbed.model import build_testbed_model
+
+    model = build_testbed_model(model_config, seed=0).eval()
+    batcher = _Batcher(config, model_config)
+    processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
+    batch = batcher.lm_batch(config.easy_images)  # a full (not easy) scene
+    with torch.no_grad():
+        packed, _ = lm_logits(model, batch)
+    seed = scene_seed("train", batcher.scene_index("lm", config.easy_images))
+    scene = make_scene(seed)
+    questions = sample_questions(
+        scene, config.where_per_image, config.other_per_image, np.random.default_rng([seed, 3])
+    )
+    row = 0
+    for q in questions:
+        inputs = processor(images=[scene.image()], text=[prompt_text(q.text)], return_tensors="pt")
+        answer = [*batcher.tokenizer(q.answer, add_special_tokens=False).input_ids, batcher.eos]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([answer[:-1]])], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0]
+        start = inputs["input_ids"].shape[1] - 1
+        assert batch["labels"][row : row + len(answer)].tolist() == answer
+        assert torch.allclose(logits[start : start + len(answer)], packed[row : row + len(answer)], atol=1e-5)
+        row += len(answer)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from vlmprune.testbed.model import build_testbed_model
+
+    model = build_testbed_model(make_config(**TINY_MODEL), seed=1).eval()
+    save_testbed(model, tmp_path, fp16=False)
+    processor, loaded = load_testbed(tmp_path)
+    scene, where, _ = eval_questions("test", 0)
+    inputs = processor(images=[scene.image()], text=[prompt_text(where.text)], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_testbed(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {**trainer.model.state_dict(), **{f"heads.{k}": v for k, v in trainer.heads.state_dict().items()}}
+
+
+def test_training_runs_and_an_interrupted_run_continues_identically(tmp_path):
+    torch.set_num_threads(1)
+    config = tiny_train_config()  # 2 vision steps, then 8 LM steps
+    straight = train(str(tmp_path / "a"), config, max_steps=6, log=None)
+    assert straight.stage == "lm" and straight.step == 4
+    interrupted = train(str(tmp_path / "b"), config, max_steps=1, log=None)
+    assert interrupted.stage == "vision"
+    resumed = train(str(tmp_path / "b"), resume=True, max_steps=3, log=None)  # crosses the stage boundary
+    resumed = train(str(tmp_path / "b"), resume=True, max_steps=2, log=None)
+    assert (resumed.stage, resumed.step, resumed.images) == (straight.stage, straight.step, straight.images)
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.optimizer.state_dict()["state"].keys() == resumed.optimizer.state_dict()["state"].keys()
+    assert straight.scheduler.state_dict()["last_epoch"] == resumed.scheduler.state_dict()["last_epoch"]
+    with pytest.raises(FileExistsError):
+        train(str(tmp_path / "a"), config, max_steps=1, log=None)
+    # the log has train and eval records with both accuracies after the LM stage starts
+    import json
+
+    with open(tmp_path / "b" / "log.jsonl") as handle:
+        records = [json.loads(line) for line in handle]
+    assert {"train", "eval"} <= {r["event"] for r in records}
+    assert any("localization_acc" in r and "other_acc" in r for r in records)
+    assert os.path.isfile(tmp_path / "b" / "model" / "model.safetensors")
+
+
+def test_lm_stage_can_be_lengthened_before_its_decay(tmp_path):
+    config = tiny_train_config(lm_images=64, vision_images=16)
+    longer = train(str(tmp_path / "long"), tiny_train_config(lm_images=96, vision_images=16), max_steps=4, log=None)
+    trainer = train(str(tmp_path / "ext"), config, max_steps=2, log=None)
+    trainer = Trainer.resume(str(tmp_path / "ext"), log=None)
+    trainer.extend(96)
+    trainer.run(max_steps=2)
+    a, b = _weights(longer), _weights(trainer)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert trainer.scheduler.get_last_lr() == longer.scheduler.get_last_lr()
+    with pytest.raises(ValueError, match="already seen"):
+        trainer.extend(8)
+
+
+def test_training_config_is_validated():
+    with pytest.raises(ValueError, match="lm_batch"):
+        TrainConfig(lm_batch=0)
+    with pytest.raises(ValueError, match="seed"):
+        TrainConfig(seed=-1)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    sets = [
+        "--set", f"model={TINY_MODEL!r}", "--set", "vision_images=16", "--set", "lm_images=8",
+        "--set", "lm_batch=4", "--set", "vision_batch=16", "--set", "eval_limit=2",
+    ]  # fmt: skip
+    assert main(["testbed", "train", "--out", out, "--threads", "1", "--max-steps", "2", *sets]) == 0
+    assert main(["testbed", "train", "--out", out, "--threads", "1"]) == 2  # exists, no --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(["testbed", "train", "--out", out, "--resume", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "stopped in stage done" in printed and "localization Acc@0.5" in printed
+    with open(os.path.join(out, "command.txt")) as handle:
+        commands = handle.read().splitlines()
+    assert len(commands) == 3 and "--resume" in commands[2]
+    json_path = str(tmp_path / "eval.json")
+    assert main(["testbed", "eval", "--model", os.path.join(out, "model"), "--limit", "3", "--json", json_path]) == 0
+    printed = capsys.readouterr().out
+    assert "localization Acc@IoU>=0.5" in printed and "other questions" in printed
+    assert main(["testbed", "eval", "--model", str(tmp_path / "nothing")]) == 2
+    assert main(["testbed", "train", "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
+    assert "unknown TrainConfig field" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- shipped model
+
+
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "config.json").is_file(), reason="no shipped testbed checkpoint yet")
+def test_shipped_checkpoint_loads_and_answers():
+    torch.set_num_threads(1)
+    processor, model = load_testbed()
+    assert model.config.vision_config.image_size // model.config.vision_config.patch_size >= 16
+    assert model.config.text_config.num_hidden_layers >= 8
+    size = sum(os.path.getsize(CHECKPOINT_DIR / f) for f in os.listdir(CHECKPOINT_DIR))
+    assert size <= 30 * 2**20
+    result = evaluate(model, processor, split="test", limit=16)
+    assert 0.0 <= result.localization_acc <= 1.0  # the quality bars are checked once the trained model ships
