@@ -22,6 +22,7 @@ METHOD_CASES = {
     "pdrop-original-positions": ("pdrop", {"layers": (1, 4), "positions": "original", "scoring": "before"}),
     "feather": ("feather", {"layers": (2, 4)}),
     "feather-top-up": ("feather", {"layers": (2, 4), "top_up": True}),
+    "feather-adjacent-stages": ("feather", {"layers": (2, 3)}),
     "random": ("random", {}),
     "uniform": ("uniform", {"layer": 2}),
     "knn": ("knn", {"layer": 2}),

@@ -148,12 +148,16 @@ class PruningSession:
                 cos, sin = kwargs["position_embeddings"]
                 batch = hidden.shape[0]
                 run.full_position_embeddings = (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
-            in_effect = run.full_position_embeddings if layout.is_original else layout.position_embeddings
-            for s in self._scored_at_layer.get(index, ()):
-                run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, in_effect)
+            # A stage scored by its own layer ("after") sees that layer's input before the cut; a stage scored by an
+            # earlier layer sees the rows that layer really runs on, after any stage applied at it.
+            scored_here = self._scored_at_layer.get(index, ())
+            for s in (s for s in scored_here if self.stages[s].layer == index):
+                run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, self._embeddings_of(layout))
             if index in self._stage_at_layer:
                 hidden = self._apply_stage(self._stage_at_layer[index], hidden)
                 layout = run.current
+            for s in (s for s in scored_here if self.stages[s].layer != index):
+                run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, self._embeddings_of(layout))
             if layout.is_original:
                 return None
             kwargs.update(
@@ -167,6 +171,9 @@ class PruningSession:
             return args, kwargs
 
         return hook
+
+    def _embeddings_of(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run.full_position_embeddings if layout.is_original else layout.position_embeddings
 
     def _after_text_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         run = self._run

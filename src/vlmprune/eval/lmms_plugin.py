@@ -75,6 +75,17 @@ class VlmpruneLMM(lmms):
         self.device = torch.device(device)
         self.last_traces: list[dict] = []  # one per generated batch: what the method kept
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, processor: Any, method: Any, batch_size: int = 1) -> VlmpruneLMM:
+        """Wraps an already loaded model and processor (no second load)."""
+        self = cls.__new__(cls)
+        lmms.__init__(self)
+        self.model, self.processor, self.method = model.eval(), processor, method
+        self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), 128
+        self.device = next(model.parameters()).device
+        self.last_traces = []
+        return self
+
     def _scope(self):
         from contextlib import nullcontext
 

@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int = 0
     model: dict[str, int] = field(default_factory=dict)  # keyword arguments of `testbed_config`
     # stage 1: dense per-patch supervision of the vision tower
-    vision_images: int = 64_000
+    vision_images: int = 48_000
     vision_batch: int = 32
     vision_lr: float = 1e-3
     # stage 2: projector + LM (tower at vision_lr_scale * lm_lr), several Q/A blocks per image
@@ -93,8 +93,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     log_every_steps: int = 20
-    vision_eval_every_images: int = 6_400
-    lm_eval_every_images: int = 4_000
+    vision_eval_every_images: int = 4_800
+    lm_eval_every_images: int = 2_000
     eval_limit: int = 200
     checkpoint_minutes: float = 5.0
 

@@ -1,0 +1,155 @@
+"""`vlmprune compare`: several methods at matched FLOPs on the same tasks, in the layout of FEATHER's Table 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlmprune.cli._common import CommandError, load_model, parse_params
+
+__all__ = ["add_parser", "run", "table"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare methods at matched FLOPs on localization (and lmms-eval) tasks",
+        description=(
+            "Run several methods on the same localization tasks (and, with --other-tasks, lmms-eval tasks), each "
+            "with its budget set so that its projected prefill FLOPs reduction matches --match-flops (from the cost "
+            "model on the model's own shape), and print a table like FEATHER's Table 1: per-task accuracy, "
+            "localization average, other-task average and FLOPs reduction. Each method's run is resumable in "
+            "OUT/<method>/."
+        ),
+    )
+    parser.add_argument("--model", required=True, metavar="ID_OR_DIR")
+    parser.add_argument("--methods", default="fastv,pdrop,feather", help="comma-separated")
+    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    parser.add_argument("--match-flops", type=float, metavar="R", help="target FLOPs reduction, e.g. 0.64")
+    parser.add_argument("--formula", choices=("paper", "paper-3ndm", "exact"), default="paper")
+    parser.add_argument("--text-tokens", type=float, default=0.0, help="text tokens in the FLOPs match (default 0)")
+    parser.add_argument("--tasks", default="refcoco", help="localization tasks (see `vlmprune eval`)")
+    parser.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH")
+    parser.add_argument("--other-tasks", default="", help="lmms-eval tasks, comma-separated (needs lmms-eval)")
+    parser.add_argument("--lmms-include", metavar="DIR", help="extra lmms-eval task directory")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    parser.set_defaults(run=run)
+
+
+def _methods(args: argparse.Namespace, shape) -> list:
+    from vlmprune.cost import match_flops
+    from vlmprune.methods import build_method
+
+    per_method: dict[str, list[str]] = {}
+    for item in args.param:
+        name, dot, rest = item.partition(".")
+        if not dot:
+            raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.layer=3), got {item!r}")
+        per_method.setdefault(name, []).append(rest)
+    methods = []
+    for name in [n.strip() for n in args.methods.split(",") if n.strip()]:
+        method = build_method(name, **parse_params(per_method.get(name)))
+        if args.match_flops is not None:
+            method = match_flops(method, shape, args.match_flops, formula=args.formula, text_tokens=args.text_tokens)
+        methods.append(method)
+    return methods
+
+
+def _other_tasks(args, model, processor, method, out: Path) -> dict[str, float]:
+    tasks = [t.strip() for t in args.other_tasks.split(",") if t.strip()]
+    if not tasks:
+        return {}
+    try:
+        from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.tasks import TaskManager
+    except ImportError:
+        raise CommandError("--other-tasks needs lmms-eval (bash scripts/setup.sh installs it)") from None
+    from vlmprune.eval.lmms_plugin import VlmpruneLMM
+
+    lmm = VlmpruneLMM.from_model(model, processor, method, batch_size=args.batch_size)
+    manager = TaskManager(include_path=args.lmms_include) if args.lmms_include else TaskManager()
+    results = simple_evaluate(model=lmm, tasks=tasks, task_manager=manager, limit=args.limit)["results"]
+    scores = {}
+    for task in tasks:
+        metrics = {k: v for k, v in results.get(task, {}).items() if isinstance(v, int | float) and "stderr" not in k}
+        metrics.pop("alias", None)
+        scores[task] = float(next(iter(metrics.values()))) if metrics else float("nan")
+    (out / "other_tasks.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmprune.cli.eval import _task_paths
+    from vlmprune.cost import TokenSchedule, estimate, shape_from_config
+    from vlmprune.eval.data import load_task
+    from vlmprune.eval.runner import EvalConfig, load_records, run_grounding, summarize
+
+    processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
+    shape = shape_from_config(model.config, name=args.model)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    samples = []
+    for task, path in _task_paths(tasks, args.data).items():
+        loaded = load_task(task, path, args.split)
+        samples.extend(loaded[: args.limit] if args.limit else loaded)
+    rows = []
+    for method in _methods(args, shape):
+        out = Path(args.out) / method.name
+        run_grounding(
+            model,
+            processor,
+            method,
+            samples,
+            EvalConfig(out, args.batch_size, args.max_new_tokens, method_name=method.name),
+        )
+        summary = summarize(load_records(out))
+        reduction = estimate(shape, TokenSchedule.from_method(method, shape, args.text_tokens), args.formula).reduction
+        rows.append(
+            {
+                "method": method.name,
+                "params": {k: v for k, v in vars(method).items()},
+                "flops_reduction": reduction,
+                "localization": {task: entry["acc@0.5"] for task, entry in summary.items()},
+                "other": _other_tasks(args, model, processor, method, out),
+            }
+        )
+    result = table(rows)
+    print(result)
+    out = Path(args.out)
+    (out / "compare.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    (out / "compare.md").write_text(result + "\n")
+    return 0
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def table(rows: list[dict]) -> str:
+    """FEATHER's Table 1 layout: FLOPs reduction, per-task accuracy, localization and other averages."""
+    loc_tasks = list(dict.fromkeys(t for r in rows for t in r["localization"]))
+    other_tasks = list(dict.fromkeys(t for r in rows for t in r["other"]))
+    header = ["method", "FLOPs red.", *loc_tasks, "Loc-Avg", *other_tasks, "Other-Avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        loc = [r["localization"].get(t) for t in loc_tasks]
+        other = [r["other"].get(t) for t in other_tasks]
+        cells = [
+            r["method"],
+            f"{r['flops_reduction']:.0%}",
+            *map(fmt, loc),
+            fmt(_mean(v for v in loc if v is not None)),
+            *map(fmt, other),
+            fmt(_mean(v for v in other if v is not None)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
