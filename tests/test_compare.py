@@ -1,0 +1,60 @@
+"""Methods compared at matched FLOPs, in the layout of FEATHER's Table 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import vlmprune
+from eval_data import write_refer
+from vlmprune.cli.main import main
+from vlmprune.cost import TokenSchedule, estimate, get_shape, match_flops
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "feather", "random", "uniform", "knn"])
+def test_matching_finds_each_methods_budget_for_a_target_reduction(name):
+    shape = get_shape("prismatic-7b")
+    method = match_flops(vlmprune.build_method(name), shape, 0.5)
+    reduction = estimate(shape, TokenSchedule.from_method(method, shape), "paper").reduction
+    assert reduction == pytest.approx(0.5, abs=0.005)
+
+
+def test_matching_pyramid_drop_to_feathers_65_percent_gives_the_papers_lambda():
+    shape = get_shape("prismatic-7b")
+    assert match_flops(vlmprune.build_method("pdrop"), shape, 0.65).lam == pytest.approx(0.3, abs=0.02)
+
+
+def test_compare_prints_table_one_at_matched_flops(small_model_dir, tmp_path, capsys):
+    data = write_refer(tmp_path / "data", n_refs=3)
+    out = tmp_path / "compare"
+    code = main(
+        [
+            "compare",
+            "--model",
+            small_model_dir,
+            "--methods",
+            "fastv,feather",
+            "--param",
+            "feather.layers=[2,4]",
+            "--match-flops",
+            "0.4",
+            "--tasks",
+            "refcoco",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "6",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| method | FLOPs red. | refcoco | Loc-Avg | Other-Avg |" in printed
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["fastv", "feather"]
+    assert all(abs(r["flops_reduction"] - 0.4) < 0.02 for r in rows)
+    assert (out / "fastv" / "samples.jsonl").exists() and (out / "feather" / "samples.jsonl").exists()
