@@ -201,3 +201,11 @@ def test_two_processes_give_the_single_process_summary(small_model_dir, tmp_path
         json.loads((parallel / "summary.json").read_text())["tasks"]
         == json.loads((single / "summary.json").read_text())["tasks"]
     )
+
+
+def test_image_references_of_parquet_rows_open(tmp_path):
+    from vlmprune.eval.data import open_image_ref
+
+    samples = load_hf_parquet(write_hf_parquet(tmp_path), "refcoco", "val")
+    assert "#" in samples[0].image_ref
+    assert open_image_ref(samples[0].image_ref).size == (120, 100)

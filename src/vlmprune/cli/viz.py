@@ -69,11 +69,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_image(path: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from vlmprune.eval.data import open_image_ref
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        return open_image_ref(path)
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise CommandError(f"cannot read image {path!r}: {error}") from None
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from vlmprune.errors import VlmpruneError
 
-__all__ = ["LOADERS", "RefSample", "load_hf_parquet", "load_ocid_ref", "load_refer", "load_task"]
+__all__ = ["LOADERS", "RefSample", "load_hf_parquet", "load_ocid_ref", "load_refer", "load_task", "open_image_ref"]
 
 
 @dataclass
@@ -187,6 +187,17 @@ def load_ocid_ref(root: str | Path, split: str = "val", images: str | Path | Non
             )
         )
     return samples
+
+
+def open_image_ref(ref: str) -> Image.Image:
+    """The image a `RefSample.image_ref` (as eval records store it) points to: a file, or `file.parquet#row`."""
+    path, sep, row = ref.rpartition("#")
+    if sep and path.endswith(".parquet") and row.isdigit():
+        import pyarrow.parquet as pq
+
+        cell = pq.read_table(path, columns=["image"]).slice(int(row), 1).to_pylist()[0]["image"]
+        return _bytes_opener((cell or {}).get("bytes") or b"")()
+    return _file_opener(Path(ref))()
 
 
 def _missing(where: str) -> Callable[[], Image.Image]:
