@@ -209,3 +209,17 @@ def test_image_references_of_parquet_rows_open(tmp_path):
     samples = load_hf_parquet(write_hf_parquet(tmp_path), "refcoco", "val")
     assert "#" in samples[0].image_ref
     assert open_image_ref(samples[0].image_ref).size == (120, 100)
+
+
+def test_pixel_answers_are_normalized_by_the_resized_frame_of_qwen_inputs():
+    import types
+
+    import torch
+
+    from vlmprune.eval.runner import _normalize_pixels
+
+    processor = types.SimpleNamespace(image_processor=types.SimpleNamespace(patch_size=14))
+    inputs = {"image_grid_thw": torch.tensor([[1, 20, 30]])}  # 280 px high, 420 px wide
+    assert _normalize_pixels((42, 28, 210, 140), processor, inputs, 0) == pytest.approx((0.1, 0.1, 0.5, 0.5))
+    assert _normalize_pixels((0, 0, 500, 10), processor, inputs, 0) is None  # outside the image
+    assert _normalize_pixels((0, 0, 5, 5), processor, {}, 0) is None

@@ -18,6 +18,7 @@ class GroundingFormat:
         prompt: the question, with `{expression}` for the referring expression.
         frame: the frame the answer's box lives in ("pad": normalized to the image padded to a square).
         parse: answer text -> box in that frame (None if it does not parse: counted wrong).
+        pixels: the parsed box is in pixels of the processor's resized image, not normalized.
         source: where the prompt and the format come from.
     """
 
@@ -26,6 +27,7 @@ class GroundingFormat:
     frame: Frame
     parse: Callable[[str], Box | None]
     source: str
+    pixels: bool = False
 
 
 GROUNDING_FORMATS: dict[str, GroundingFormat] = {
@@ -53,6 +55,7 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
         frame="stretch",
         parse=parse_pixel_box,
         source="Qwen2.5-VL grounding: absolute pixels of the smart-resized input (divide by its width and height)",
+        pixels=True,
     ),
 }
 

@@ -155,8 +155,8 @@ def _generate(model, processor, fmt, ready, fill, device, config, trace) -> None
     for b, ((sample, image, record), answer) in enumerate(zip(ready, answers, strict=True)):
         record["prediction"] = answer.strip()
         box = fmt.parse(answer)
-        if box is not None and fmt.frame == "stretch" and fmt.parse.__name__ == "parse_pixel_box":
-            box = None  # pixel answers need the resized frame's size, which only a Qwen adapter knows
+        if box is not None and fmt.pixels:
+            box = _normalize_pixels(box, processor, inputs, b)
         if box is not None:
             pred = from_frame(box, *image.size, fmt.frame)
             record["pred_box"] = list(pred)
@@ -170,6 +170,19 @@ def _generate(model, processor, fmt, ready, fill, device, config, trace) -> None
             ]
             record["tokens_per_layer"] = trace.tokens_per_layer[b].tolist()
             record["image_tokens_per_layer"] = trace.image_tokens_per_layer[b].tolist()
+
+
+def _normalize_pixels(box, processor, inputs, b: int):
+    """A box in pixels of the processor's resized image -> normalized, from Qwen2-VL's `image_grid_thw`."""
+    grid = inputs.get("image_grid_thw")
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None)
+    if grid is None or patch is None:
+        return None
+    _, rows, cols = (int(v) for v in grid[b])
+    width, height = cols * patch, rows * patch
+    x1, y1, x2, y2 = box
+    normalized = (x1 / width, y1 / height, x2 / width, y2 / height)
+    return normalized if all(0.0 <= v <= 1.0 for v in normalized) else None
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
