@@ -52,5 +52,6 @@ def small_model_dir(tmp_path_factory):
     """The `models` weights and processor saved with `save_pretrained`, for commands that load a directory."""
     from vlmprune.testing import save_tiny_llava
 
-    return save_tiny_llava(tmp_path_factory.mktemp("small-llava"), text_layers=TEXT_LAYERS, image_size=IMAGE_SIZE,
-                           patch_size=PATCH)
+    return save_tiny_llava(
+        tmp_path_factory.mktemp("small-llava"), text_layers=TEXT_LAYERS, image_size=IMAGE_SIZE, patch_size=PATCH
+    )

@@ -329,6 +329,44 @@ def test_lm_stage_can_be_lengthened_before_its_decay(tmp_path):
     assert trainer.scheduler.get_last_lr() == longer.scheduler.get_last_lr()
     with pytest.raises(ValueError, match="already seen"):
         trainer.extend(8)
+    with pytest.raises(ValueError, match="LM stage has started"):
+        trainer.reconfigure({"lm_lr": 1e-3})
+    with pytest.raises(ValueError, match="cannot change seed"):
+        trainer.reconfigure({"seed": 3})
+    trainer.reconfigure({"eval_limit": 3})  # logging cadence: any time
+    assert trainer.config.eval_limit == 3
+
+
+def test_lm_recipe_can_be_tried_from_the_end_of_the_vision_stage(tmp_path):
+    config = tiny_train_config(vision_images=16)
+    first = train(str(tmp_path / "a"), config, max_steps=2, log=None)
+    assert first.stage == "lm" and os.path.isfile(tmp_path / "a" / "checkpoint-vision.pt")
+    other = tiny_train_config(vision_images=16, lm_lr=1e-3, where_per_image=1)
+    fresh = train(str(tmp_path / "fresh"), other, max_steps=3, log=None)
+    out = str(tmp_path / "b")
+    assert (
+        main(
+            [
+                "testbed",
+                "train",
+                "--out",
+                out,
+                "--from",
+                str(tmp_path / "a" / "checkpoint-vision.pt"),
+                "--set",
+                "lm_lr=1e-3",
+                "--set",
+                "where_per_image=1",
+                "--max-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
+    resumed = Trainer.resume(out, log=None)
+    a, b = _weights(fresh), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["testbed", "train", "--out", out, "--resume", "--set", "lm_lr=1e-2"]) == 2  # LM stage started
 
 
 def test_training_config_is_validated():

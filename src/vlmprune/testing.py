@@ -231,8 +231,8 @@ def llava_config_for_shape(shape: ModelShape) -> LlavaConfig:
     For benchmarks of real model sizes with random weights; the vocabulary is the tiny tokenizer's, grown to
     the shape's so the LM head costs what it does in the real model.
     """
-    if shape.vision is None or shape.images != 1 or shape.grid[0] != shape.grid[1]:
-        raise ValueError(f"{shape.name} is not a one-image LLaVA layout with a square grid")
+    if shape.family != "llava" or shape.vision is None or shape.images != 1 or shape.grid[0] != shape.grid[1]:
+        raise ValueError(f"{shape.name} is a {shape.family} shape, not a one-image LLaVA layout with a square grid")
     return tiny_llava_config(
         text_layers=shape.layers,
         text_hidden=shape.hidden,

@@ -9,7 +9,7 @@ import warnings
 
 from vlmprune.errors import VlmpruneError
 
-__all__ = ["CommandError", "load_model", "method_or_none", "parse_params"]
+__all__ = ["CommandError", "load_model", "method_or_none", "parse_method_params", "parse_params"]
 
 
 class CommandError(Exception):
@@ -33,6 +33,18 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             params[key] = raw.strip()
     return params
+
+
+def parse_method_params(items: list[str] | None) -> dict[str, dict[str, object]]:
+    """`["fastv.ratio=0.75", "feather.layers=[2,4]"]` -> `{"fastv": {"ratio": 0.75}, "feather": {"layers": [2, 4]}}`."""
+    per_method: dict[str, list[str]] = {}
+    for item in items or []:
+        target, _, value = item.partition("=")
+        name, dot, key = target.partition(".")
+        if not dot or not key:
+            raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.ratio=0.75), got {item!r}")
+        per_method.setdefault(name, []).append(f"{key}={value}")
+    return {name: parse_params(params) for name, params in per_method.items()}
 
 
 def method_or_none(name: str, params: dict[str, object]):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, parse_params
+from vlmprune.cli._common import CommandError, parse_method_params
 from vlmprune.cost import SHAPES
 
 __all__ = ["add_parser", "markdown_table", "run"]
@@ -51,19 +52,14 @@ def _variants(args: argparse.Namespace) -> list:
     from vlmprune.bench import Variant
     from vlmprune.methods import build_method
 
-    per_method: dict[str, list[str]] = {}
-    for item in args.param:
-        name, dot, rest = item.partition(".")
-        if not dot:
-            raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.ratio=0.75), got {item!r}")
-        per_method.setdefault(name, []).append(rest)
+    per_method = parse_method_params(args.param)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     variants = [Variant("unpruned", None)]
     for name in names:
-        method = build_method(name, **parse_params(per_method.get(name)))
+        method = build_method(name, **per_method.get(name, {}))
         variants.append(Variant(name, method))
         if name == "fastv" and not args.no_original_fastv:
-            original = build_method(name, **(parse_params(per_method.get(name)) | {"full_map": True}))
+            original = build_method(name, **(per_method.get(name, {}) | {"full_map": True}))
             variants.append(Variant("fastv-original (eager, full map)", original, attn="eager"))
     return variants
 
@@ -85,6 +81,13 @@ def _build(args: argparse.Namespace, batch: int):
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         raise CommandError(f"device {args.device!r} is not usable here: {error}") from None
+    needed = shape.parameters() * torch.empty(0, dtype=getattr(torch, DTYPES[args.dtype])).element_size()
+    available = _memory_bytes(device)
+    if available is not None and needed > 0.8 * available:
+        raise CommandError(
+            f"{shape.name} in {args.dtype} needs about {needed / 2**30:.1f} GiB of weights, but {args.device} has "
+            f"{available / 2**30:.1f} GiB; use a smaller shape (e.g. llava-cpu-mid) or another device"
+        )
     from transformers import LlavaForConditionalGeneration
 
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -102,6 +105,16 @@ def _build(args: argparse.Namespace, batch: int):
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return model, inputs, shape
+
+
+def _memory_bytes(device) -> int | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
 
 
 def markdown_table(rows: list[dict]) -> str:

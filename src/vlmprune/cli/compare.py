@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, load_model, parse_params
+from vlmprune.cli._common import CommandError, load_model, parse_method_params
 
 __all__ = ["add_parser", "run", "table"]
 
@@ -48,15 +48,10 @@ def _methods(args: argparse.Namespace, shape) -> list:
     from vlmprune.cost import match_flops
     from vlmprune.methods import build_method
 
-    per_method: dict[str, list[str]] = {}
-    for item in args.param:
-        name, dot, rest = item.partition(".")
-        if not dot:
-            raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.layer=3), got {item!r}")
-        per_method.setdefault(name, []).append(rest)
+    per_method = parse_method_params(args.param)
     methods = []
     for name in [n.strip() for n in args.methods.split(",") if n.strip()]:
-        method = build_method(name, **parse_params(per_method.get(name)))
+        method = build_method(name, **per_method.get(name, {}))
         if args.match_flops is not None:
             method = match_flops(method, shape, args.match_flops, formula=args.formula, text_tokens=args.text_tokens)
         methods.append(method)

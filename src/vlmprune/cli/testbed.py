@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import time
 
 from vlmprune.cli._common import CommandError, parse_params
@@ -43,7 +44,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a TrainConfig field for a new run, repeatable (e.g. --set lm_batch=8 "
-        "--set \"model={'text_layers': 2}\"); with --resume only lm_images may change",
+        "--set \"model={'text_layers': 2}\"); with --resume only fields that keep the run equal to one "
+        "configured so from the start (see Trainer.reconfigure)",
+    )
+    train.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="CHECKPOINT",
+        help="start DIR from another run's checkpoint (e.g. RUN/checkpoint-vision.pt, to try LM-stage settings "
+        "given with --set)",
     )
     train.add_argument("--max-steps", type=int, metavar="N", help=argparse.SUPPRESS)  # tests
     train.set_defaults(run=run)
@@ -89,17 +98,23 @@ def _train(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "command.txt"), "a") as handle:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         handle.write(f"{stamp} vlmprune {shlex.join(_argv(args))}\n")
+    if args.start_from is not None:
+        if os.path.exists(checkpoint):
+            raise CommandError(f"{args.out} already holds a run; --from starts a new run in an empty directory")
+        if not os.path.isfile(args.start_from):
+            raise CommandError(f"--from: no checkpoint file {args.start_from}")
+        shutil.copyfile(args.start_from, checkpoint)
+        args.resume = True
     if os.path.exists(checkpoint):
         if not args.resume:
             raise CommandError(f"{args.out} already holds a run; pass --resume to continue it, or another --out")
-        if set(overrides) - {"lm_images"}:
-            raise CommandError("with --resume only --set lm_images=N may change (the run keeps its own config)")
         trainer = Trainer.resume(args.out, device=args.device)
-        if "lm_images" in overrides:
-            try:
-                trainer.extend(int(overrides["lm_images"]))  # type: ignore[call-overload]
-            except ValueError as error:
-                raise CommandError(str(error)) from None
+        try:
+            trainer.reconfigure(overrides)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        if args.start_from is not None:
+            trainer._log({"event": "start_from", "checkpoint": os.path.abspath(args.start_from)})
         print(f"resuming {args.out}: stage {trainer.stage}, step {trainer.step}, {trainer.images} images")
     else:
         try:
@@ -107,8 +122,8 @@ def _train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as error:
             raise CommandError(f"invalid training configuration: {error}") from None
         trainer = Trainer(args.out, config, device=args.device)
-        with open(os.path.join(args.out, "config.json"), "w") as handle:
-            json.dump(dataclasses.asdict(config), handle, indent=1)
+    with open(os.path.join(args.out, "config.json"), "w") as handle:
+        json.dump(dataclasses.asdict(trainer.config), handle, indent=1)
     stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps)
     print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
     return 0
@@ -119,7 +134,9 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv = ["testbed", "train", "--out", args.out, "--seed", str(args.seed)]
     if args.minutes is not None:
         argv += ["--minutes", str(args.minutes)]
-    if args.resume:
+    if args.start_from is not None:
+        argv += ["--from", args.start_from]
+    elif args.resume:
         argv.append("--resume")
     if args.threads is not None:
         argv += ["--threads", str(args.threads)]

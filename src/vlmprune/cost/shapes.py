@@ -39,6 +39,7 @@ class ModelShape:
         grid: (rows, cols) of one image's token grid, for methods that sample a grid.
         images: images per prompt (LLaVA-NeXT's crops count as images).
         vision: the vision tower, or None to leave it out of the exact count.
+        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "prismatic").
     """
 
     name: str
@@ -54,10 +55,22 @@ class ModelShape:
     mlp_projections: int = 3
     head_dim: int = 0
     vision: VisionShape | None = field(default=None)
+    family: str = "llava"
 
     def __post_init__(self) -> None:
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    def parameters(self) -> int:
+        """Approximate parameter count (decoder, embeddings and head, vision tower, projector)."""
+        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        layer = d * (2 * q + 2 * kv) + self.mlp_projections * d * self.intermediate
+        total = self.layers * layer + 2 * self.vocab * d
+        if self.vision is not None:
+            v = self.vision
+            total += v.layers * (4 * v.hidden * v.hidden + 2 * v.hidden * v.intermediate)
+            total += sum(i * o for i, o in v.projector)
+        return total
 
     def with_image_tokens(self, image_tokens: int) -> ModelShape:
         return replace(self, image_tokens=image_tokens)
@@ -79,11 +92,28 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("llava-1.5-7b", 4096, 11008, 32, 32, 32, 32064, 576, (24, 24), vision=_CLIP_L_336),
         ModelShape("llava-1.5-13b", 5120, 13824, 40, 40, 40, 32064, 576, (24, 24), vision=_CLIP_L_336_13B),
         # anyres at 672x672: base image + 2x2 crops, 5 x 576 tokens (the PyramidDrop/VisPruner accounting)
-        ModelShape("llava-next-7b", 4096, 11008, 32, 32, 32, 32064, 2880, (24, 24), images=5, vision=_CLIP_L_336),
+        ModelShape(
+            "llava-next-7b",
+            4096,
+            11008,
+            32,
+            32,
+            32,
+            32064,
+            2880,
+            (24, 24),
+            images=5,
+            vision=_CLIP_L_336,
+            family="llava_next",
+        ),
         # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
-        ModelShape("qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT),
+        ModelShape(
+            "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_vl"
+        ),
         # FEATHER's model: Llama-2-7B + SigLIP SO400M (27 x 27 = 729 tokens, no [CLS]) + GELU MLP
-        ModelShape("prismatic-7b", 4096, 11008, 32, 32, 32, 32000, 729, (27, 27), vision=_SIGLIP_SO400M),
+        ModelShape(
+            "prismatic-7b", 4096, 11008, 32, 32, 32, 32000, 729, (27, 27), vision=_SIGLIP_SO400M, family="prismatic"
+        ),
         # a smoke-test LLaVA (6 layers, 12 x 12 grid) that benchmarks in seconds
         ModelShape(
             "llava-tiny",

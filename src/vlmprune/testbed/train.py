@@ -21,7 +21,9 @@ interrupted run continues where it stopped and produces the same weights as an u
 
 Files in the output directory: `checkpoint.pt` (training state), `model/` (the current model in fp16 with its
 processor, `from_pretrained`-loadable), `log.jsonl` (one JSON object per line, `"event"` is `"train"` or
-`"eval"`), `config.json` (the `TrainConfig`), `command.txt` (each command line that ran here).
+`"eval"`), `config.json` (the `TrainConfig`), `command.txt` (each command line that ran here), and
+`checkpoint-vision.pt` (the state when the vision stage ended, to try LM-stage recipes from; see
+`Trainer.reconfigure`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -61,7 +64,7 @@ from vlmprune.testbed.scenes import (
     scene_seed,
 )
 
-__all__ = ["DenseHeads", "TrainConfig", "Trainer", "lm_logits", "train"]
+__all__ = ["LM_FIELDS", "LOGGING_FIELDS", "DenseHeads", "TrainConfig", "Trainer", "lm_logits", "train"]
 
 _SEED_STRIDE = 40_000_000  # training scenes of seed s: [s * stride, (s + 1) * stride), all below the test range
 _LM_SCENE_OFFSET = 20_000_000  # the LM stage's scenes start here within a seed's range
@@ -118,6 +121,14 @@ class TrainConfig:
             return math.ceil(self.vision_images / self.vision_batch)
         return math.ceil(self.lm_images / self.lm_batch)
 
+
+# fields a resumed run may change (see `Trainer.reconfigure`)
+LOGGING_FIELDS = frozenset(
+    {"log_every_steps", "vision_eval_every_images", "lm_eval_every_images", "eval_limit", "checkpoint_minutes"}
+)
+LM_FIELDS = frozenset(
+    {"lm_batch", "where_per_image", "other_per_image", "lm_lr", "tower_lr_scale", "dense_weight", "easy_images"}
+)
 
 # ---------------------------------------------------------------------------------------------- dense heads
 
@@ -425,18 +436,49 @@ class Trainer:
         The learning rate so far does not depend on the stage's length (warm-up-stable-decay), so the result
         equals a run configured with `lm_images` from the start.
         """
-        if lm_images == self.config.lm_images:
+        self.reconfigure({"lm_images": lm_images})
+
+    def reconfigure(self, changes: dict[str, object]) -> None:
+        """Change config fields of a resumed run where the result still equals a run configured so from the start.
+
+        - `LOGGING_FIELDS` (evaluation and checkpoint cadence) at any time: they do not touch the weights;
+        - `LM_FIELDS` (the LM stage's recipe) until the LM stage has taken its first step: the vision stage
+          does not read them, so a run resumed from the end of the vision stage (`checkpoint-vision.pt`) with
+          new LM settings equals a fresh run with those settings;
+        - `lm_images` until the LM stage's learning-rate decay has started (see `_lr_lambda`).
+        """
+        unknown = sorted(set(changes) - LOGGING_FIELDS - LM_FIELDS - {"lm_images"})
+        if unknown:
+            raise ValueError(
+                f"cannot change {', '.join(unknown)} on resume; changeable: "
+                f"{', '.join(sorted(LOGGING_FIELDS | LM_FIELDS | {'lm_images'}))}"
+            )
+        changes = {k: v for k, v in changes.items() if getattr(self.config, k) != v}
+        if not changes:
             return
-        if self.stage == "done" or (self.stage == "lm" and self.decay_started()):
-            raise ValueError(f"cannot change lm_images in stage {self.stage!r}: the learning-rate decay has started")
-        if self.stage == "lm" and lm_images < self.images + self.config.lm_batch:
-            raise ValueError(f"lm_images {lm_images} is not beyond the {self.images} images already seen")
-        self.config = dataclasses.replace(self.config, lm_images=lm_images)
+        lm_started = self.stage == "done" or (self.stage == "lm" and self.step > 0)
+        recipe = sorted(set(changes) & LM_FIELDS)
+        if recipe and lm_started:
+            raise ValueError(f"cannot change {', '.join(recipe)}: the LM stage has started")
+        if "lm_images" in changes:
+            lm_images = int(changes["lm_images"])  # type: ignore[call-overload]
+            if self.stage == "done" or (self.stage == "lm" and self.decay_started()):
+                raise ValueError(
+                    f"cannot change lm_images in stage {self.stage!r}: the learning-rate decay has started"
+                )
+            if self.stage == "lm" and lm_images < self.images + self.config.lm_batch:
+                raise ValueError(f"lm_images {lm_images} is not beyond the {self.images} images already seen")
+        self.config = dataclasses.replace(self.config, **changes)  # validated by __post_init__
+        self.batcher.config = self.config
         if self.stage == "lm":
             optimizer_state, scheduler_state = self.optimizer.state_dict(), self.scheduler.state_dict()
             self._make_optimizer()
-            self.optimizer.load_state_dict(optimizer_state)
-            self.scheduler.load_state_dict(scheduler_state)
+            if self.step > 0:
+                self.optimizer.load_state_dict(optimizer_state)
+                self.scheduler.load_state_dict(scheduler_state)
+        with open(os.path.join(self.out, "config.json"), "w") as handle:
+            json.dump(dataclasses.asdict(self.config), handle, indent=1)
+        self._log({"event": "reconfigure", "changes": changes})
 
     # -- checkpoints
     def state_dict(self) -> dict:
@@ -618,6 +660,10 @@ class Trainer:
                         self._make_optimizer()
                         self.evaluate()  # the new stage's starting point (chance level for the LM stage)
                     self.save()
+                    if self.stage == "lm":  # kept: LM recipes can be tried from here (`reconfigure`)
+                        shutil.copyfile(
+                            os.path.join(self.out, "checkpoint.pt"), os.path.join(self.out, "checkpoint-vision.pt")
+                        )
                     last_checkpoint = time.time()
                 elif time.time() - last_checkpoint >= self.config.checkpoint_minutes * 60:
                     self.save()
