@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib.util
 import os
@@ -9,7 +10,15 @@ import warnings
 
 from vlmprune.errors import VlmpruneError
 
-__all__ = ["CommandError", "load_model", "method_or_none", "parse_method_params", "parse_params"]
+__all__ = [
+    "CommandError",
+    "add_loading_args",
+    "add_task_args",
+    "load_model",
+    "method_or_none",
+    "parse_method_params",
+    "parse_params",
+]
 
 
 class CommandError(Exception):
@@ -33,6 +42,40 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             params[key] = raw.strip()
     return params
+
+
+def add_loading_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --attn, as `load_model` takes them."""
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="weights' dtype (default: auto)",
+    )
+    parser.add_argument(
+        "--attn",
+        choices=("sdpa", "eager", "flash_attention_2"),
+        default="sdpa",
+        help="attention implementation (default: sdpa)",
+    )
+
+
+def add_task_args(parser: argparse.ArgumentParser) -> None:
+    """Which localization tasks, where their data is, and how to generate."""
+    parser.add_argument("--tasks", default="refcoco", help="comma-separated: refcoco, refcoco+, refcocog, ocid-ref")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[TASK=]PATH",
+        help="a root holding each task's folder, or TASK=PATH per task (repeatable)",
+    )
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--limit", type=int, metavar="N", help="first N samples of each task")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
 
 
 def parse_method_params(items: list[str] | None) -> dict[str, dict[str, object]]:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, load_model, parse_method_params
+from vlmprune.cli._common import CommandError, add_loading_args, add_task_args, load_model, parse_method_params
 
 __all__ = ["add_parser", "run", "table"]
 
@@ -29,18 +29,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--match-flops", type=float, metavar="R", help="target FLOPs reduction, e.g. 0.64")
     parser.add_argument("--formula", choices=("paper", "paper-3ndm", "exact"), default="paper")
     parser.add_argument("--text-tokens", type=float, default=0.0, help="text tokens in the FLOPs match (default 0)")
-    parser.add_argument("--tasks", default="refcoco", help="localization tasks (see `vlmprune eval`)")
-    parser.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH")
     parser.add_argument("--other-tasks", default="", help="lmms-eval tasks, comma-separated (needs lmms-eval)")
     parser.add_argument("--lmms-include", metavar="DIR", help="extra lmms-eval task directory")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--limit", type=int)
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    add_task_args(parser)
+    add_loading_args(parser)
     parser.set_defaults(run=run)
 
 

@@ -7,7 +7,14 @@ import json
 import os
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, load_model, method_or_none, parse_params
+from vlmprune.cli._common import (
+    CommandError,
+    add_loading_args,
+    add_task_args,
+    load_model,
+    method_or_none,
+    parse_params,
+)
 from vlmprune.errors import VlmpruneError
 
 __all__ = ["add_parser", "markdown_summary", "run"]
@@ -27,22 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, metavar="ID_OR_DIR")
     parser.add_argument("--method", default="none", metavar="NAME", help="a method, or `none` (default)")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--tasks", default="refcoco", help="comma-separated: refcoco, refcoco+, refcocog, ocid-ref")
-    parser.add_argument(
-        "--data",
-        action="append",
-        default=[],
-        metavar="[TASK=]PATH",
-        help="where the data is: a root holding each task's folder, or TASK=PATH per task (repeatable)",
-    )
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--limit", type=int, metavar="N", help="first N samples of each task")
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
-    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
+    add_task_args(parser)
+    add_loading_args(parser)
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(run=run)
 

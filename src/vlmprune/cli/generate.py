@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from vlmprune.cli._common import CommandError, load_model, method_or_none, parse_params
+from vlmprune.cli._common import CommandError, add_loading_args, load_model, method_or_none, parse_params
 
 __all__ = ["add_parser", "build_prompt", "load_image", "run"]
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,14 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(e.g. --param layer=3 --param ratio=0.75 --param layers=[8,16])",
     )
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights' dtype (default: auto)")
-    parser.add_argument(
-        "--attn",
-        choices=("sdpa", "eager", "flash_attention_2"),
-        default="sdpa",
-        help="attention implementation (default: sdpa)",
-    )
+    add_loading_args(parser)
     parser.add_argument(
         "--save-trace", metavar="FILE", help="write the trace as JSON (kept tokens per stage, tokens per layer)"
     )
