@@ -399,6 +399,12 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "localization Acc@IoU>=0.5" in printed and "other questions" in printed
     assert main(["testbed", "eval", "--model", str(tmp_path / "nothing")]) == 2
+    dest = tmp_path / "shipped"
+    assert main(["testbed", "export", "--run", out, "--dest", str(dest)]) == 0
+    assert {"model.safetensors", "tokenizer.json", "training_log.jsonl", "training_command.txt"} <= set(
+        os.listdir(dest)
+    )
+    load_testbed(dest)
     assert main(["testbed", "train", "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
     assert "unknown TrainConfig field" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ from vlmprune.errors import VlmpruneError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
-SUBCOMMANDS: tuple[str, ...] = ("methods", "generate", "flops", "bench", "eval", "compare", "viz", "testbed")
+SUBCOMMANDS: tuple[str, ...] = ("methods", "generate", "flops", "bench", "eval", "compare", "viz", "testbed", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

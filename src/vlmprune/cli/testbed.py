@@ -70,16 +70,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
     evaluate.set_defaults(run=run)
 
+    export = actions.add_parser(
+        "export",
+        help="copy a run's model, training log and command into the package's checkpoint directory",
+        description=(
+            "Copy RUN/model (fp16 weights, config, processor) with RUN's log.jsonl, command.txt and config.json "
+            "(as training_log.jsonl, training_command.txt, training_config.json) into DEST, by default the "
+            "package data directory that `load_testbed()` reads. Refuses more than 30 MB."
+        ),
+    )
+    export.add_argument(
+        "--run", dest="run_dir", required=True, metavar="DIR", help="a `testbed train` output directory"
+    )
+    export.add_argument("--dest", metavar="DIR", help="destination (default: vlmprune/testbed/checkpoint)")
+    export.set_defaults(run=run)
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads is not None:
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise CommandError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.testbed_command == "train":
         return _train(args)
+    if args.testbed_command == "export":
+        return _export(args)
     return _eval(args)
 
 
@@ -171,4 +188,34 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"model": path, "split": args.split, **result.to_dict()}, handle, indent=1)
+    return 0
+
+
+_EXPORT_LIMIT = 30 * 2**20
+_RUN_FILES = {"log.jsonl": "training_log.jsonl", "command.txt": "training_command.txt",
+              "config.json": "training_config.json"}  # fmt: skip
+
+
+def _export(args: argparse.Namespace) -> int:
+    from vlmprune.testbed.model import CHECKPOINT_DIR
+
+    model_dir = os.path.join(args.run_dir, "model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CommandError(f"{args.run_dir} has no model/ (run `vlmprune testbed train --out {args.run_dir}` first)")
+    sources = {os.path.join(model_dir, name): name for name in sorted(os.listdir(model_dir))}
+    sources.update(
+        {
+            os.path.join(args.run_dir, k): v
+            for k, v in _RUN_FILES.items()
+            if os.path.isfile(os.path.join(args.run_dir, k))
+        }
+    )
+    size = sum(os.path.getsize(path) for path in sources)
+    if size > _EXPORT_LIMIT:
+        raise CommandError(f"the export would be {size / 2**20:.1f} MB, over the 30 MB limit")
+    dest = args.dest or str(CHECKPOINT_DIR)
+    os.makedirs(dest, exist_ok=True)
+    for path, name in sources.items():
+        shutil.copyfile(path, os.path.join(dest, name))
+    print(f"exported {len(sources)} files ({size / 2**20:.1f} MB) to {dest}")
     return 0

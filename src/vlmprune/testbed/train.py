@@ -8,6 +8,9 @@ pretrained CLIP; here the tower is first given dense supervision of its own:
    the last layer, so no layer stays random) predicting per patch: foreground fraction; colour, shape and
    size of the object covering it (or background); that object's box; and the patch's row and column
    (RoPE does not put positions into the values the LM reads, so the features must carry them).
+   A consequence to keep in mind when reading pruning results: every patch of an object is trained to carry
+   that object's box, so a box stays recoverable while any one patch of the object is kept; dropping all of
+   an object's patches (e.g. every top row) removes it. Real CLIP features are less explicit than this.
 2. "lm": projector + Llama on question answering, the tower at a lower learning rate with the dense loss
    kept as an auxiliary term (weight `dense_weight`) so its features do not drift. Each image carries several
    question-answer blocks that share the image prefix: block `j` attends to the prefix and causally to
@@ -17,7 +20,8 @@ pretrained CLIP; here the tower is first given dense supervision of its own:
 The loss is cross-entropy on the answer tokens and `</s>` only. Everything is determined by the seed: model
 initialisation by `seed`, scene `i` of a stage by `seed` and `i`. A checkpoint (model, heads, optimizer,
 scheduler, RNG, stage and data position) is written every `checkpoint_minutes` and when a run stops, so an
-interrupted run continues where it stopped and produces the same weights as an uninterrupted one.
+interrupted run continues where it stopped and produces the same weights as an uninterrupted one (on the
+same device and thread count: floating-point reductions differ between those).
 
 Files in the output directory: `checkpoint.pt` (training state), `model/` (the current model in fp16 with its
 processor, `from_pretrained`-loadable), `log.jsonl` (one JSON object per line, `"event"` is `"train"` or
@@ -80,7 +84,7 @@ class TrainConfig:
     vision_images: int = 48_000
     vision_batch: int = 32
     vision_lr: float = 1e-3
-    # stage 2: projector + LM (tower at vision_lr_scale * lm_lr), several Q/A blocks per image
+    # stage 2: projector + LM (tower and heads at tower_lr_scale * lm_lr), several Q/A blocks per image
     lm_images: int = 400_000
     lm_batch: int = 16
     where_per_image: int = 4

@@ -71,6 +71,7 @@ def plot_keep_frequency(
     vertical: Sequence[float | None] | None = None,
     samples: Sequence[int] | None = None,
     title: str | None = None,
+    headings: Sequence[str] | None = None,
 ) -> Figure:
     """One heatmap panel per stage, shared colour scale [0, 1] and one colour bar.
 
@@ -81,6 +82,7 @@ def plot_keep_frequency(
         vertical: per stage, the mean vertical position of the kept tokens (drawn as a dashed line).
         samples: per stage, the number of samples counted.
         title: the figure's title.
+        headings: per panel, a heading replacing "stage k: before layer L" (e.g. one method per panel).
     """
     if not frequencies or len(frequencies) != len(layers):
         raise ValueError(f"need one layer per frequency map, got {len(frequencies)} maps and {len(layers)} layers")
@@ -94,7 +96,7 @@ def plot_keep_frequency(
         _draw_grid(ax, rows, cols, labels=True, alpha=0.15)
         ax.set_xlabel("column")
         ax.set_ylabel("row (0 = top)")
-        heading = f"stage {k}: before layer {layer}"
+        heading = headings[k] if headings is not None else f"stage {k}: before layer {layer}"
         details = [f"{rows} x {cols} grid", f"{freq.sum():.0f} kept on average"]
         if samples is not None:
             details.insert(0, f"{samples[k]} samples")

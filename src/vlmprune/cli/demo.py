@@ -1,0 +1,76 @@
+"""`vlmprune demo`: FEATHER's experiment on the shipped testbed model, offline, in minutes on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlmprune.cli._common import CommandError
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the methods on the testbed's held-out scenes and compare them",
+        description=(
+            "Run the unpruned testbed model, FastV, FastV without RoPE, uniform sampling, PyramidDrop and FEATHER "
+            "at matched FLOPs on the held-out split: localization and other-question accuracy, FLOPs reduction and "
+            "measured prefill speed-up, and a picture of where each method's kept tokens lie on the image grid."
+        ),
+    )
+    parser.add_argument("--model", metavar="DIR", help="a testbed checkpoint (default: the one shipped)")
+    parser.add_argument("--limit", type=int, default=200, help="held-out scenes (default 200)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="demo", metavar="DIR", help="where the picture goes (default ./demo)")
+    parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved prefill timings (default 5)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vlmprune.testbed.demo import run_demo
+    from vlmprune.testbed.model import load_testbed
+    from vlmprune.viz.analysis import keep_frequency
+    from vlmprune.viz.plot import plot_keep_frequency, save_png
+
+    if args.limit < 1:
+        raise CommandError(f"--limit must be >= 1, got {args.limit}")
+    try:
+        processor, model = load_testbed(args.model)
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    torch.manual_seed(0)
+    rows, records = run_demo(
+        model, processor, limit=args.limit, batch_size=args.batch_size, timing_rounds=args.timing_rounds
+    )
+    print()
+    header = ["loc acc", "other acc", "FLOPs red.", "prefill", "kept rows (0 top, 1 bottom)"]
+    print(f"{'method':14s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, (8, 9, 10, 8, 28), strict=True)))
+    for r in rows:
+        vertical = "-" if r.mean_vertical_position is None else f"{r.mean_vertical_position:.3f}"
+        print(
+            f"{r.method:14s} {r.localization_acc:8.3f} {r.other_acc:9.3f} {r.flops_reduction:10.0%} "
+            f"{r.prefill_speedup:7.2f}x {vertical:>28s}"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(records)
+    figure = plot_keep_frequency(
+        [keep_frequency(records[n], 0) for n in names],
+        [records[n][0]["stages"][0]["layer"] for n in names],
+        vertical=[next(r.mean_vertical_position for r in rows if r.method == n) for n in names],
+        samples=[len(records[n]) for n in names],
+        title=f"where the first stage's kept tokens lie, {args.limit} held-out scenes x 2 questions",
+        headings=[f"{n}: before layer {records[n][0]['stages'][0]['layer']}" for n in names],
+    )
+    save_png(figure, out / "kept_tokens.png")
+    print(f"\npicture: {out / 'kept_tokens.png'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2, default=str) + "\n")
+        print(f"table: {args.json}")
+    return 0

@@ -1,0 +1,51 @@
+"""The demo runs end to end on a small subset (a random-weight testbed model stands in for the shipped one)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmprune.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def random_testbed(tmp_path_factory):
+    from vlmprune.testbed.model import build_testbed_model, save_testbed
+
+    return save_testbed(build_testbed_model().eval(), tmp_path_factory.mktemp("testbed"))
+
+
+def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, capsys):
+    table = tmp_path / "demo.json"
+    code = main(
+        [
+            "demo",
+            "--model",
+            random_testbed,
+            "--limit",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--json",
+            str(table),
+            "--timing-rounds",
+            "1",
+        ]
+    )
+    assert code == 0
+    rows = json.loads(table.read_text())
+    assert [r["method"] for r in rows] == ["unpruned", "fastv", "fastv-no-rope", "uniform", "pdrop", "feather"]
+    assert {"method", "localization_acc", "other_acc", "flops_reduction", "prefill_speedup"} <= set(rows[0])
+    reductions = [r["flops_reduction"] for r in rows[1:]]
+    assert max(reductions) - min(reductions) < 0.05  # matched compute
+    assert rows[0]["flops_reduction"] == 0.0 and rows[0]["prefill_speedup"] == 1.0
+    assert (tmp_path / "kept_tokens.png").stat().st_size > 10_000
+    assert "feather" in capsys.readouterr().out
+
+
+def test_demo_without_a_checkpoint_says_how_to_get_one(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "nothing")]) == 2
+    assert "vlmprune testbed train" in capsys.readouterr().err
