@@ -39,7 +39,7 @@ from vlmprune.testbed.scenes import (
     sample_questions,
     scene_seed,
 )
-from vlmprune.testbed.train import TrainConfig, Trainer, _Batcher, lm_logits, train
+from vlmprune.testbed.train import TrainConfig, Trainer, _Batcher, lm_logits, train, trim_log
 
 TINY_MODEL = {
     "text_layers": 2,
@@ -315,6 +315,27 @@ def test_training_runs_and_an_interrupted_run_continues_identically(tmp_path):
     assert {"train", "eval"} <= {r["event"] for r in records}
     assert any("localization_acc" in r and "other_acc" in r for r in records)
     assert os.path.isfile(tmp_path / "b" / "model" / "model.safetensors")
+
+
+def test_resume_drops_the_log_records_of_steps_after_the_checkpoint(tmp_path):
+    import json
+
+    config = tiny_train_config(log_every_steps=1)
+    out = str(tmp_path / "run")
+    train(out, config, max_steps=3, log=None)  # vision 2 steps, then LM step 1 (checkpoint)
+    log = os.path.join(out, "log.jsonl")
+    with open(log) as handle:
+        saved = handle.read()
+    # what a run killed after the checkpoint leaves behind: records of steps its resumption will repeat
+    with open(log, "a") as handle:
+        for step in (2, 3):
+            handle.write(json.dumps({"stage": "lm", "step": step, "event": "train", "lm_loss": 9.0}) + "\n")
+    Trainer.resume(out, log=None)
+    with open(log) as handle:
+        assert handle.read() == saved
+    assert trim_log(log, "vision", 1) > 0  # records of the LM stage and the vision stage's last step go
+    with open(log) as handle:
+        assert all(json.loads(line)["stage"] == "vision" for line in handle)
 
 
 def test_lm_stage_can_be_lengthened_before_its_decay(tmp_path):

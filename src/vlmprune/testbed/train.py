@@ -68,7 +68,7 @@ from vlmprune.testbed.scenes import (
     scene_seed,
 )
 
-__all__ = ["LM_FIELDS", "LOGGING_FIELDS", "DenseHeads", "TrainConfig", "Trainer", "lm_logits", "train"]
+__all__ = ["LM_FIELDS", "LOGGING_FIELDS", "DenseHeads", "TrainConfig", "Trainer", "lm_logits", "train", "trim_log"]
 
 _SEED_STRIDE = 40_000_000  # training scenes of seed s: [s * stride, (s + 1) * stride), all below the test range
 _LM_SCENE_OFFSET = 20_000_000  # the LM stage's scenes start here within a seed's range
@@ -133,6 +133,28 @@ LOGGING_FIELDS = frozenset(
 LM_FIELDS = frozenset(
     {"lm_batch", "where_per_image", "other_per_image", "lm_lr", "tower_lr_scale", "dense_weight", "easy_images"}
 )
+
+_STAGE_ORDER = {"vision": 0, "lm": 1, "done": 2}
+
+
+def trim_log(path: str, stage: str, step: int) -> int:
+    """Drop the records of `path` written after the checkpoint at (`stage`, `step`); returns how many.
+
+    A run killed between checkpoints logged steps that its resumption repeats; without this the log would
+    hold those steps twice, once from weights that no longer exist.
+    """
+    if not os.path.exists(path):
+        return 0
+    with open(path) as handle:
+        lines = handle.readlines()
+    position = (_STAGE_ORDER[stage], step)
+    kept = [line for line in lines if (_STAGE_ORDER[(r := json.loads(line))["stage"]], r["step"]) <= position]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as handle:
+            handle.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
+
 
 # ---------------------------------------------------------------------------------------------- dense heads
 
@@ -526,6 +548,7 @@ class Trainer:
             trainer.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         trainer._running = state["running"]
+        trim_log(os.path.join(out, "log.jsonl"), trainer.stage, trainer.step)
         return trainer
 
     # -- logging
