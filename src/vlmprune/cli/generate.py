@@ -10,7 +10,6 @@ from vlmprune.cli._common import CommandError, add_loading_args, load_model, met
 __all__ = ["add_parser", "build_prompt", "load_image", "run"]
 
 
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "generate",
