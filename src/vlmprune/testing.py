@@ -16,7 +16,7 @@ import copy
 import os
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -37,9 +37,13 @@ __all__ = [
     "build_tiny_llava",
     "build_tiny_processor",
     "build_tiny_tokenizer",
+    "init_llava",
     "llava_config_for_shape",
+    "llava_processor",
     "save_tiny_llava",
     "tiny_llava_config",
+    "word_level_llava_config",
+    "word_level_tokenizer",
 ]
 
 IMAGE_TOKEN = "<image>"
@@ -80,21 +84,26 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over `SPECIAL_TOKENS + WORDS`.
+def word_level_tokenizer(
+    words: tuple[str, ...], *, added_tokens: tuple[str, ...] = (), model_max_length: int = 4096
+) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer: ids `SPECIAL_TOKENS`, then `words`, then `added_tokens`.
 
     Lower-cases, splits on whitespace and punctuation, prepends `<s>`, pads on the left (as batched
-    generation needs). Unknown words map to `<unk>`.
+    generation needs). `added_tokens` are matched whole before that split (e.g. `<b07>`). Unknown words map
+    to `<unk>`.
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words + added_tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(list(SPECIAL_TOKENS))
+    if added_tokens:
+        backend.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in added_tokens])
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
         bos_token="<s>",
@@ -103,32 +112,36 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left",
         add_bos_token=True,
-        model_max_length=4096,
+        model_max_length=model_max_length,
     )
-    return tokenizer
 
 
-def tiny_llava_config(
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny models' tokenizer: `word_level_tokenizer(WORDS)`."""
+    return word_level_tokenizer(WORDS)
+
+
+def word_level_llava_config(
+    tokenizer: PreTrainedTokenizerFast,
     *,
-    text_layers: int = 4,
-    text_hidden: int = 128,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 256,
-    vision_hidden: int = 64,
-    vision_layers: int = 2,
-    image_size: int = 336,
-    patch_size: int = 14,
+    text_layers: int,
+    text_hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vision_hidden: int,
+    vision_layers: int,
+    image_size: int,
+    patch_size: int,
+    max_positions: int,
     vocab_size: int | None = None,
 ) -> LlavaConfig:
-    """A `LlavaConfig` with a CLIP vision tower and a Llama (RoPE, grouped-query attention) text model.
+    """A `LlavaConfig` (CLIP tower, Llama with RoPE) whose token ids come from `tokenizer`.
 
-    `vocab_size` defaults to the size of `build_tiny_tokenizer()`'s vocabulary; a larger value is allowed
-    (the extra rows are never produced by the tokenizer). Ids of `<image>`, bos, eos and pad come from
-    that tokenizer. Image features: layer -2 of the tower, CLS dropped ("default"), so one image is
+    `vocab_size` defaults to the tokenizer's size; a larger value is allowed (the extra rows are never
+    produced). Image features: layer -2 of the tower, CLS dropped ("default"), so one image is
     `(image_size // patch_size) ** 2` tokens.
     """
-    tokenizer = build_tiny_tokenizer()
     n_vocab = len(tokenizer)
     if vocab_size is None:
         vocab_size = n_vocab
@@ -152,17 +165,17 @@ def tiny_llava_config(
         num_hidden_layers=text_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
-    n_patches = (image_size // patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=n_patches,
+        image_seq_length=(image_size // patch_size) ** 2,
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
@@ -170,12 +183,45 @@ def tiny_llava_config(
     return config
 
 
-def build_tiny_llava(
-    config: LlavaConfig | None = None, *, attn_implementation: str = "sdpa", seed: int = 0
+def tiny_llava_config(
+    *,
+    text_layers: int = 4,
+    text_hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 256,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    image_size: int = 336,
+    patch_size: int = 14,
+    vocab_size: int | None = None,
+) -> LlavaConfig:
+    """The tiny models' `LlavaConfig` (see `word_level_llava_config`): grouped-query attention, 24x24 grid."""
+    return word_level_llava_config(
+        build_tiny_tokenizer(),
+        text_layers=text_layers,
+        text_hidden=text_hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        image_size=image_size,
+        patch_size=patch_size,
+        max_positions=4096,
+        vocab_size=vocab_size,
+    )
+
+
+def init_llava(
+    config: LlavaConfig, *, seed: int = 0, attn_implementation: str = "sdpa"
 ) -> LlavaForConditionalGeneration:
-    """A random-weight `LlavaForConditionalGeneration` in eval mode; one `seed`, one set of weights."""
+    """A `LlavaForConditionalGeneration` initialised from `seed` (one seed, one set of weights), in train mode.
+
+    The generation config takes bos/eos/pad from the text config and decodes greedily.
+    """
     # a model keeps (and _from_config mutates) its config: copy it so models built from one config stay apart
-    config = tiny_llava_config() if config is None else copy.deepcopy(config)
+    config = copy.deepcopy(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
@@ -183,23 +229,39 @@ def build_tiny_llava(
     generation.bos_token_id = config.text_config.bos_token_id
     generation.eos_token_id = config.text_config.eos_token_id
     generation.pad_token_id = config.text_config.pad_token_id
+    generation.do_sample = False
+    return model
+
+
+def build_tiny_llava(
+    config: LlavaConfig | None = None, *, attn_implementation: str = "sdpa", seed: int = 0
+) -> LlavaForConditionalGeneration:
+    """A random-weight tiny `LlavaForConditionalGeneration` in eval mode; one `seed`, one set of weights."""
+    model = init_llava(
+        tiny_llava_config() if config is None else config, seed=seed, attn_implementation=attn_implementation
+    )
     return model.eval()
 
 
-def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
-    """A `LlavaProcessor` for `build_tiny_llava`: one `<image>` expands to `(image_size // patch_size)**2`."""
+def llava_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
+    """A `LlavaProcessor`: CLIP normalization at `image_size`, one `<image>` -> `(image_size // patch_size)**2`."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tiny_tokenizer(),
+        tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+
+
+def build_tiny_processor(image_size: int = 336, patch_size: int = 14) -> LlavaProcessor:
+    """A `LlavaProcessor` for `build_tiny_llava` (see `llava_processor`)."""
+    return llava_processor(build_tiny_tokenizer(), image_size, patch_size)
 
 
 def save_tiny_llava(

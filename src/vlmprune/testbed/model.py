@@ -22,20 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from vlmprune.testbed.scenes import COLOURS, IMAGE_SIZE, NUM_BINS, SHAPES, SIZES, bins_to_box
-from vlmprune.testing import LLAVA_CHAT_TEMPLATE
+from vlmprune.testing import (
+    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
+    init_llava,
+    llava_processor,
+    word_level_llava_config,
+    word_level_tokenizer,
+)
 
 __all__ = [
     "BIN_TOKENS",
@@ -55,8 +53,6 @@ __all__ = [
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 PATCH_SIZE = 14
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)
 WORDS: tuple[str, ...] = (
     "user", "assistant", ":", "?", ".",
     "where", "what", "how", "many", "is", "are", "there", "the", "a", "an", "object", "objects",
@@ -69,31 +65,8 @@ _BIN_RE = re.compile(r"<b(\d\d)>")
 
 
 def build_testbed_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: ids `SPECIAL_TOKENS`, then `WORDS`, then `BIN_TOKENS`.
-
-    Lower-cases and splits on whitespace and punctuation; the bin tokens are added tokens, matched whole
-    before that split. Prepends `<s>`, pads on the left (batched generation).
-    """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + BIN_TOKENS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(list(SPECIAL_TOKENS))
-    backend.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in BIN_TOKENS])
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        padding_side="left",
-        add_bos_token=True,
-        model_max_length=1024,
-    )
+    """Word-level tokenizer: ids `SPECIAL_TOKENS`, then `WORDS`, then `BIN_TOKENS` (matched whole)."""
+    return word_level_tokenizer(WORDS, added_tokens=BIN_TOKENS, model_max_length=1024)
 
 
 def testbed_config(
@@ -111,73 +84,35 @@ def testbed_config(
 
     One image is `(image_size // patch_size) ** 2` tokens (CLIP layer -2, [CLS] dropped).
     """
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    tokenizer = build_testbed_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=max(1, vision_hidden // 32),
+    return word_level_llava_config(
+        build_testbed_tokenizer(),
+        text_layers=text_layers,
+        text_hidden=text_hidden,
+        heads=text_heads,
+        kv_heads=text_heads,
+        intermediate=text_intermediate,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=vision_hidden,
+        max_positions=1024,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=text_intermediate,
-        num_hidden_layers=text_layers,
-        num_attention_heads=text_heads,
-        num_key_value_heads=text_heads,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
-    config.pad_token_id = tokenizer.pad_token_id
-    return config
 
 
 def build_testbed_model(
     config: LlavaConfig | None = None, *, seed: int = 0, attn_implementation: str = "sdpa"
 ) -> LlavaForConditionalGeneration:
     """A freshly initialised testbed model (train mode is left to the caller); one `seed`, one set of weights."""
-    config = testbed_config() if config is None else copy.deepcopy(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
-    generation = model.generation_config
-    generation.bos_token_id = config.text_config.bos_token_id
-    generation.eos_token_id = config.text_config.eos_token_id
-    generation.pad_token_id = config.text_config.pad_token_id
-    generation.do_sample = False
-    generation.max_new_tokens = 5
+    model = init_llava(
+        testbed_config() if config is None else config, seed=seed, attn_implementation=attn_implementation
+    )
+    model.generation_config.max_new_tokens = 5
     return model
 
 
 def build_testbed_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
-    """A `LlavaProcessor`: CLIP normalization at `image_size`, one `<image>` -> `(image_size // patch_size)**2`."""
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=build_testbed_tokenizer(),
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    """The testbed's `LlavaProcessor` (see `vlmprune.testing.llava_processor`)."""
+    return llava_processor(build_testbed_tokenizer(), image_size, patch_size)
 
 
 def prompt_text(question: str) -> str:
