@@ -37,7 +37,8 @@ def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, c
     )
     assert code == 0
     rows = json.loads(table.read_text())
-    assert [r["method"] for r in rows] == ["unpruned", "fastv", "fastv-no-rope", "uniform", "pdrop", "feather"]
+    names = ["unpruned", "fastv", "fastv-no-rope", "uniform", "knn", "random", "pdrop", "feather"]
+    assert [r["method"] for r in rows] == names
     assert {"method", "localization_acc", "other_acc", "flops_reduction", "prefill_speedup"} <= set(rows[0])
     reductions = [r["flops_reduction"] for r in rows[1:]]
     assert max(reductions) - min(reductions) < 0.05  # matched compute
@@ -49,3 +50,10 @@ def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, c
 def test_demo_without_a_checkpoint_says_how_to_get_one(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "nothing")]) == 2
     assert "vlmprune testbed train" in capsys.readouterr().err
+
+
+def test_the_demo_runs_every_registered_method():
+    from vlmprune.methods import list_methods
+    from vlmprune.testbed.demo import demo_methods
+
+    assert {m.name for m in demo_methods(8).values()} == set(list_methods())

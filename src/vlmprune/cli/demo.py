@@ -16,9 +16,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="run the methods on the testbed's held-out scenes and compare them",
         description=(
-            "Run the unpruned testbed model, FastV, FastV without RoPE, uniform sampling, PyramidDrop and FEATHER "
-            "at matched FLOPs on the held-out split: localization and other-question accuracy, FLOPs reduction and "
-            "measured prefill speed-up, and a picture of where each method's kept tokens lie on the image grid."
+            "Run the unpruned testbed model, FastV, FastV without RoPE, uniform sampling, KNN density, random, "
+            "PyramidDrop and FEATHER at matched FLOPs on the held-out split: localization and other-question "
+            "accuracy, FLOPs reduction and measured prefill speed-up, and a picture of where each method's kept "
+            "tokens lie on the image grid."
         ),
     )
     parser.add_argument("--model", metavar="DIR", help="a testbed checkpoint (default: the one shipped)")
