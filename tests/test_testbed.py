@@ -426,6 +426,11 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
         os.listdir(dest)
     )
     load_testbed(dest)
+    curve = tmp_path / "curve.png"
+    assert main(["testbed", "curve", str(dest / "training_log.jsonl"), "--out", str(curve)]) == 0
+    assert curve.stat().st_size > 10_000
+    assert main(["testbed", "curve", str(tmp_path / "no-log.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err
     assert main(["testbed", "train", "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
     assert "unknown TrainConfig field" in capsys.readouterr().err
 

@@ -85,6 +85,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--dest", metavar="DIR", help="destination (default: vlmprune/testbed/checkpoint)")
     export.set_defaults(run=run)
 
+    curve = actions.add_parser(
+        "curve",
+        help="plot a run's held-out accuracies against images seen",
+        description="Draw localization and other-question accuracy (and each question kind) from a training log.",
+    )
+    curve.add_argument("log", metavar="LOG", help="a run's log.jsonl (or a shipped training_log.jsonl)")
+    curve.add_argument("--out", default="training_curve.png", metavar="PNG", help="(default: training_curve.png)")
+    curve.set_defaults(run=run)
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -97,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return _train(args)
     if args.testbed_command == "export":
         return _export(args)
+    if args.testbed_command == "curve":
+        return _curve(args)
     return _eval(args)
 
 
@@ -218,4 +229,29 @@ def _export(args: argparse.Namespace) -> int:
     for path, name in sources.items():
         shutil.copyfile(path, os.path.join(dest, name))
     print(f"exported {len(sources)} files ({size / 2**20:.1f} MB) to {dest}")
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    from vlmprune.viz.plot import plot_training_curve, save_png
+
+    try:
+        with open(args.log) as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+    except OSError as error:
+        raise CommandError(f"cannot read {args.log}: {error.strerror}") from error
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{args.log} is not a JSON-lines training log: {error}") from error
+    easy_images = None
+    for name in ("config.json", "training_config.json"):  # beside a run's log, or a shipped one's
+        path = os.path.join(os.path.dirname(args.log), name)
+        if os.path.isfile(path):
+            with open(path) as handle:
+                easy_images = json.load(handle).get("easy_images")
+            break
+    try:
+        figure = plot_training_curve(records, easy_images=easy_images)
+    except ValueError as error:
+        raise CommandError(f"{args.log}: {error}") from error
+    print(f"picture: {save_png(figure, args.out)}")
     return 0

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["plot_keep_frequency", "plot_sample", "save_png"]
+__all__ = ["plot_keep_frequency", "plot_sample", "plot_training_curve", "save_png"]
 
 TARGET_COLOUR = "#39ff14"
 PREDICTION_COLOUR = "#ff40ff"
@@ -206,6 +206,37 @@ def plot_sample(record: Mapping, image: Image.Image | None = None, *, fill=LLAVA
     text = "\n".join(line for line in (heading.strip(" ·"), " → ".join(said)) if line)
     if text:
         figure.suptitle(text, fontsize=10)
+    return figure
+
+
+def plot_training_curve(records: Sequence[Mapping], *, easy_images: int | None = None) -> Figure:
+    """Held-out accuracies of a testbed run against LM-stage images seen (records of its `log.jsonl`).
+
+    Left: localization Acc@IoU>=0.5 and other-question accuracy; right: each other-question kind. A record
+    counts when its `"event"` is `"eval"` in stage `"lm"` (or `"done"`, the final evaluation). `easy_images`
+    (the run's config) marks where training moved from 2-3 object scenes to the held-out split's 3-5.
+    """
+    evals = [r for r in records if r.get("event") == "eval" and r.get("stage") in ("lm", "done")]
+    if not evals:
+        raise ValueError("no held-out evaluation of the LM stage in the log")
+    # the final evaluation is logged after the stage counter resets: place it at the last images count
+    last = max(r["images"] for r in evals)
+    seen = [r["images"] if r["stage"] == "lm" else last for r in evals]
+    figure = _new_figure(11, 4)
+    left, right = figure.subplots(1, 2, sharey=True)
+    left.plot(seen, [r["localization_acc"] for r in evals], marker="o", ms=3, label="localization Acc@0.5")
+    left.plot(seen, [r["other_acc"] for r in evals], marker="o", ms=3, label="other questions")
+    kinds = [k for k in evals[-1].get("per_kind", {}) if k != "where"]
+    for kind in kinds:
+        right.plot(seen, [r["per_kind"].get(kind, float("nan")) for r in evals], marker=".", label=kind)
+    for ax, title in ((left, "held-out accuracy"), (right, "other questions by kind")):
+        ax.set_xlabel("LM-stage images seen")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        if easy_images:
+            ax.axvline(easy_images, color="grey", linestyle=":", label="3-5 objects from here")
+        ax.legend(loc="best", fontsize=8)
     return figure
 
 
