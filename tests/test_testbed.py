@@ -186,6 +186,14 @@ def test_existence_answers_are_balanced_and_eval_covers_every_kind():
     assert set(kinds) == set(OTHER_KINDS)
 
 
+def test_a_scene_where_every_object_has_a_twin_is_redrawn_for_evaluation():
+    twinned = make_scene(scene_seed("test", 1327))  # no object can be referred to uniquely
+    scene, where, _ = eval_questions("test", 1327)
+    assert scene.objects != twinned.objects
+    assert where.box in [o.box for o in scene.objects]
+    assert eval_questions("test", 1326)[0].objects == make_scene(scene_seed("test", 1326)).objects  # others: as drawn
+
+
 def test_bins_round_trip_within_half_a_bin():
     box = (0.0, 0.1234, 0.5, 1.0)
     bins = box_to_bins(box)

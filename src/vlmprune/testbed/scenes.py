@@ -154,14 +154,17 @@ def _draw_mask(shape: str, footprint: tuple[int, int, int], size: int) -> np.nda
     return np.asarray(mask) > 0
 
 
-def make_scene(seed: int, *, min_objects: int = 3, max_objects: int = 5, size: int = IMAGE_SIZE) -> Scene:
+def make_scene(
+    seed: int, *, min_objects: int = 3, max_objects: int = 5, size: int = IMAGE_SIZE, redraw: int = 0
+) -> Scene:
     """The scene of `seed`: `min_objects..max_objects` objects, non-overlapping, placed uniformly.
 
     Deterministic: the same arguments give the same scene on every platform (numpy's PCG64 stream).
+    `redraw` > 0 draws another scene from a stream of its own under the same seed (see `eval_questions`).
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-    rng = np.random.default_rng([seed, 7])
+    rng = np.random.default_rng([seed, 7] if redraw == 0 else [seed, 7, redraw])
     background = int(rng.integers(96, 160))
     count = int(rng.integers(min_objects, max_objects + 1))
     placed: list[tuple[int, int, int]] = []
@@ -331,18 +334,19 @@ def eval_questions(split: Split, index: int) -> tuple[Scene, Question, Question]
 
     The other question's kind cycles through `OTHER_KINDS` with `index` (a kind the scene cannot ask falls
     through to the next), so any `limit` covers the kinds evenly. Localization falls to another object when
-    the first drawn one cannot be referred to uniquely.
+    the first drawn one cannot be referred to uniquely, and to a redrawn scene when none can.
     """
     seed = scene_seed(split, index)
-    scene = make_scene(seed)
-    rng = np.random.default_rng([seed, 11])
     where = None
-    for obj_index in rng.permutation(len(scene.objects)):
-        where = _where(scene, int(obj_index), rng)
-        if where is not None:
-            break
-    if where is None:  # every object has a twin: ask about a twin-free scene drawn from the same seed stream
-        raise RuntimeError(f"scene {seed} has no uniquely describable object")
+    redraw = 0
+    while where is None:  # every object has a twin (about 1 scene in 1,500): redraw the scene under this seed
+        scene = make_scene(seed, redraw=redraw)
+        rng = np.random.default_rng([seed, 11] if redraw == 0 else [seed, 11, redraw])
+        for obj_index in rng.permutation(len(scene.objects)):
+            where = _where(scene, int(obj_index), rng)
+            if where is not None:
+                break
+        redraw += 1
     other = None
     for shift in range(len(OTHER_KINDS)):
         other = _other(scene, OTHER_KINDS[(index + shift) % len(OTHER_KINDS)], rng)
