@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlmprune.cli.main import main
-from vlmprune.testbed.evaluate import evaluate
+from vlmprune.testbed.evaluate import evaluate, prior_baseline
 from vlmprune.testbed.model import (
     CHECKPOINT_DIR,
     build_testbed_processor,
@@ -184,6 +184,13 @@ def test_existence_answers_are_balanced_and_eval_covers_every_kind():
     assert 0.4 < answers.count("yes") / len(answers) < 0.6
     kinds = [eval_questions("test", i)[2].kind for i in range(50)]
     assert set(kinds) == set(OTHER_KINDS)
+
+
+def test_answering_blind_learns_the_answer_distribution_not_the_image():
+    prior = prior_baseline(limit=60, prior_scenes=600)
+    assert prior.localization_acc < 0.1  # one mean box rarely overlaps an object by half
+    assert prior.per_kind["exist"] > 0.4 and prior.per_kind["colour"] < 0.3  # yes/no vs six colours
+    assert prior_baseline(limit=60, prior_scenes=600) == prior
 
 
 def test_a_scene_where_every_object_has_a_twin_is_redrawn_for_evaluation():
@@ -426,7 +433,7 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
     json_path = str(tmp_path / "eval.json")
     assert main(["testbed", "eval", "--model", os.path.join(out, "model"), "--limit", "3", "--json", json_path]) == 0
     printed = capsys.readouterr().out
-    assert "localization Acc@IoU>=0.5" in printed and "other questions" in printed
+    assert "localization Acc@IoU>=0.5" in printed and "other questions" in printed and "answering blind" in printed
     assert main(["testbed", "eval", "--model", str(tmp_path / "nothing")]) == 2
     dest = tmp_path / "shipped"
     assert main(["testbed", "export", "--run", out, "--dest", str(dest)]) == 0

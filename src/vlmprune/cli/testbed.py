@@ -176,7 +176,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vlmprune.testbed.evaluate import evaluate
+    from vlmprune.testbed.evaluate import evaluate, prior_baseline
     from vlmprune.testbed.model import CHECKPOINT_DIR, load_testbed
 
     if args.limit < 1:
@@ -192,13 +192,18 @@ def _eval(args: argparse.Namespace) -> int:
     result = evaluate(model, processor, split=args.split, limit=args.limit, batch_size=args.batch_size)
     print(f"model: {path}")
     print(f"split: {args.split}, scenes: {result.n} ({time.time() - start:.1f} s)")
-    print(f"localization Acc@IoU>=0.5: {result.localization_acc:.3f}  (mean IoU {result.mean_iou:.3f})")
-    print(f"other questions:           {result.other_acc:.3f}")
+    prior = prior_baseline(split=args.split, limit=args.limit)
+    print("                           model  (answering blind: most common training answer, mean box)")
+    print(f"localization Acc@IoU>=0.5: {result.localization_acc:.3f}  ({prior.localization_acc:.3f})")
+    print(f"mean IoU:                  {result.mean_iou:.3f}  ({prior.mean_iou:.3f})")
+    print(f"other questions:           {result.other_acc:.3f}  ({prior.other_acc:.3f})")
     for kind, accuracy in result.per_kind.items():
-        print(f"  {kind:<8} {accuracy:.3f}")
+        if kind != "where":
+            print(f"  {kind:<24} {accuracy:.3f}  ({prior.per_kind.get(kind, 0.0):.3f})")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"model": path, "split": args.split, **result.to_dict()}, handle, indent=1)
+            record = {"model": path, "split": args.split, **result.to_dict(), "blind_prior": prior.to_dict()}
+            json.dump(record, handle, indent=1)
     return 0
 
 

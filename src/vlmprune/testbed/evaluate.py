@@ -8,7 +8,7 @@ with the drawn box (an unreadable answer counts as wrong).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,9 +16,9 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlmprune.testbed.model import parse_box, prompt_text
-from vlmprune.testbed.scenes import OTHER_KINDS, Question, box_iou, eval_questions
+from vlmprune.testbed.scenes import OTHER_KINDS, Question, box_iou, box_to_bins, eval_questions
 
-__all__ = ["EvalResult", "evaluate", "generate_answers"]
+__all__ = ["EvalResult", "evaluate", "generate_answers", "prior_baseline"]
 
 
 @dataclass
@@ -75,6 +75,51 @@ def is_correct(question: Question, answer: str) -> tuple[bool, float]:
     return answer == question.answer, 0.0
 
 
+def _score(pairs: list[tuple[Question, str]], n: int) -> EvalResult:
+    """Accuracies of the (question, answer) `pairs` of `n` scenes."""
+    right: dict[str, list[bool]] = defaultdict(list)
+    ious: list[float] = []
+    for question, answer in pairs:
+        ok, iou = is_correct(question, answer)
+        right[question.kind].append(ok)
+        if question.is_localization:
+            ious.append(iou)
+    others = [ok for kind in OTHER_KINDS for ok in right.get(kind, [])]
+    per_kind = {kind: sum(v) / len(v) for kind in ("where", *OTHER_KINDS) if (v := right.get(kind))}
+    return EvalResult(
+        localization_acc=sum(right["where"]) / len(right["where"]),
+        other_acc=sum(others) / len(others),
+        mean_iou=sum(ious) / len(ious),
+        per_kind=per_kind,
+        n=n,
+    )
+
+
+def prior_baseline(*, split: str = "test", limit: int = 200, prior_scenes: int = 3000) -> EvalResult:
+    """What answering blind scores: each kind's most common training answer, and the mean training box.
+
+    The priors come from the evaluation pairs of the first `prior_scenes` training scenes; the score is on
+    the same `limit` scenes of `split` that `evaluate` uses. A model at this level has learnt the answer
+    distribution, not the image.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    answers: dict[str, Counter[str]] = defaultdict(Counter)
+    boxes = []
+    for index in range(prior_scenes):
+        _, where, other = eval_questions("train", index)
+        answers[other.kind][other.answer] += 1
+        boxes.append(where.box)
+    mean_box = [sum(b[i] for b in boxes) / len(boxes) for i in range(4)]
+    box_answer = " ".join(f"<b{b:02d}>" for b in box_to_bins(mean_box))
+    guess = {kind: counter.most_common(1)[0][0] for kind, counter in answers.items()}
+    pairs = []
+    for index in range(limit):
+        _, where, other = eval_questions(split, index)  # type: ignore[arg-type]
+        pairs += [(where, box_answer), (other, guess.get(other.kind, ""))]
+    return _score(pairs, limit)
+
+
 def evaluate(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -98,8 +143,7 @@ def evaluate(
         scene, where, other = eval_questions(split, index)  # type: ignore[arg-type]
         image = scene.image()
         items += [(image, where), (image, other)]
-    right: dict[str, list[bool]] = defaultdict(list)
-    ious: list[float] = []
+    pairs: list[tuple[Question, str]] = []
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -108,19 +152,7 @@ def evaluate(
                 return generate_answers(model, processor, [c[0] for c in chunk], [c[1].text for c in chunk])
 
             answers = run_pruned(run_batch) if run_pruned is not None else run_batch()
-            for (_, question), answer in zip(chunk, answers, strict=True):
-                ok, iou = is_correct(question, answer)
-                right[question.kind].append(ok)
-                if question.is_localization:
-                    ious.append(iou)
+            pairs += [(question, answer) for (_, question), answer in zip(chunk, answers, strict=True)]
     finally:
         model.train(was_training)
-    others = [ok for kind in OTHER_KINDS for ok in right.get(kind, [])]
-    per_kind = {kind: sum(v) / len(v) for kind in ("where", *OTHER_KINDS) if (v := right.get(kind))}
-    return EvalResult(
-        localization_acc=sum(right["where"]) / len(right["where"]),
-        other_acc=sum(others) / len(others),
-        mean_iou=sum(ious) / len(ious),
-        per_kind=per_kind,
-        n=limit,
-    )
+    return _score(pairs, limit)
