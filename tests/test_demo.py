@@ -44,12 +44,18 @@ def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, c
     assert max(reductions) - min(reductions) < 0.05  # matched compute
     assert rows[0]["flops_reduction"] == 0.0 and rows[0]["prefill_speedup"] == 1.0
     assert (tmp_path / "kept_tokens.png").stat().st_size > 10_000
-    assert "feather" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "feather" in printed and "(blind)" in printed
 
 
 def test_demo_without_a_checkpoint_says_how_to_get_one(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "nothing")]) == 2
     assert "vlmprune testbed train" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(["demo", "--model", str(broken)]) == 2
+    assert "cannot load testbed model" in capsys.readouterr().err
 
 
 def test_the_demo_runs_every_registered_method():

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vlmprune.testbed.demo import run_demo
+    from vlmprune.testbed.evaluate import prior_baseline
     from vlmprune.testbed.model import load_testbed
     from vlmprune.viz.analysis import keep_frequency
     from vlmprune.viz.plot import plot_keep_frequency, save_png
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         processor, model = load_testbed(args.model)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load testbed model {args.model}: {error}") from None
     torch.manual_seed(0)
     rows, records = run_demo(
         model, processor, limit=args.limit, batch_size=args.batch_size, timing_rounds=args.timing_rounds
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             f"{r.method:14s} {r.localization_acc:8.3f} {r.other_acc:9.3f} {r.flops_reduction:10.0%} "
             f"{r.prefill_speedup:7.2f}x {vertical:>28s}"
         )
+    prior = prior_baseline(limit=args.limit)
+    print(f"{'(blind)':14s} {prior.localization_acc:8.3f} {prior.other_acc:9.3f}   answering without the image")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = list(records)
