@@ -248,12 +248,15 @@ def _curve(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as error:
         raise CommandError(f"{args.log} is not a JSON-lines training log: {error}") from error
     easy_images = None
-    for name in ("config.json", "training_config.json"):  # beside a run's log, or a shipped one's
+    # the run's TrainConfig: config.json beside a run's log, training_config.json beside a shipped one (whose
+    # config.json is the model's)
+    for name in ("training_config.json", "config.json"):
         path = os.path.join(os.path.dirname(args.log), name)
         if os.path.isfile(path):
             with open(path) as handle:
                 easy_images = json.load(handle).get("easy_images")
-            break
+            if easy_images is not None:
+                break
     try:
         figure = plot_training_curve(records, easy_images=easy_images)
     except ValueError as error:
