@@ -17,7 +17,7 @@ def random_testbed(tmp_path_factory):
 
 
 def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, capsys):
-    table = tmp_path / "demo.json"
+    table = tmp_path / "tables" / "demo.json"  # a directory the demo creates
     code = main(
         [
             "demo",

@@ -42,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit < 1:
         raise CommandError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.out)
+    try:  # before minutes of work: where the results go must be writable
+        out.mkdir(parents=True, exist_ok=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CommandError(f"cannot create the output directory: {error}") from None
     try:
         processor, model = load_testbed(args.model)
     except FileNotFoundError as error:
@@ -63,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         )
     prior = prior_baseline(limit=args.limit)
     print(f"{'(blind)':14s} {prior.localization_acc:8.3f} {prior.other_acc:9.3f}   answering without the image")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.json:  # first: the table must not depend on the picture
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2, default=str) + "\n")
+        print(f"\ntable: {args.json}")
     names = list(records)
     figure = plot_keep_frequency(
         [keep_frequency(records[n], 0) for n in names],
@@ -75,8 +83,5 @@ def run(args: argparse.Namespace) -> int:
         headings=[f"{n}: before layer {records[n][0]['stages'][0]['layer']}" for n in names],
     )
     save_png(figure, out / "kept_tokens.png")
-    print(f"\npicture: {out / 'kept_tokens.png'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2, default=str) + "\n")
-        print(f"table: {args.json}")
+    print(f"picture: {out / 'kept_tokens.png'}")
     return 0
