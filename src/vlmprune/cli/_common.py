@@ -7,6 +7,7 @@ import ast
 import importlib.util
 import os
 import warnings
+from pathlib import Path
 
 from vlmprune.errors import VlmpruneError
 
@@ -15,6 +16,7 @@ __all__ = [
     "add_loading_args",
     "add_task_args",
     "load_model",
+    "load_task_samples",
     "method_or_none",
     "parse_method_params",
     "parse_params",
@@ -76,6 +78,37 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def load_task_samples(args: argparse.Namespace) -> list:
+    """The samples of the tasks `add_task_args` named (`--tasks`, `--data`, `--split`, first `--limit` of each)."""
+    from vlmprune.eval.data import load_task
+
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    samples = []
+    for task, path in _task_paths(tasks, args.data).items():
+        loaded = load_task(task, path, args.split)
+        samples.extend(loaded[: args.limit] if args.limit else loaded)
+    if not samples:
+        raise CommandError("no samples to evaluate")
+    return samples
+
+
+def _task_paths(tasks: list[str], data: list[str]) -> dict[str, Path]:
+    roots = [Path(d) for d in data if "=" not in d]
+    explicit = dict(d.split("=", 1) for d in data if "=" in d)
+    paths = {}
+    for task in tasks:
+        if task in explicit:
+            paths[task] = Path(explicit[task])
+        elif roots:
+            root = roots[0]
+            paths[task] = root / task if (root / task).is_dir() and task == "ocid-ref" else root
+        else:
+            raise CommandError(f"no data for task {task!r}: give --data ROOT or --data {task}=PATH")
+    return paths
 
 
 def parse_method_params(items: list[str] | None) -> dict[str, dict[str, object]]:

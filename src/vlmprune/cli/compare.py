@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, add_loading_args, add_task_args, load_model, parse_method_params
+from vlmprune.cli._common import (
+    CommandError,
+    add_loading_args,
+    add_task_args,
+    load_model,
+    load_task_samples,
+    parse_method_params,
+)
 
 __all__ = ["add_parser", "run", "table"]
 
@@ -74,18 +81,12 @@ def _other_tasks(args, model, processor, method, out: Path) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmprune.cli.eval import _task_paths
     from vlmprune.cost import TokenSchedule, estimate, shape_from_config
-    from vlmprune.eval.data import load_task
     from vlmprune.eval.runner import EvalConfig, load_records, run_grounding, summarize
 
+    samples = load_task_samples(args)  # before the model loads: bad data fails at once
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
     shape = shape_from_config(model.config, name=args.model)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    samples = []
-    for task, path in _task_paths(tasks, args.data).items():
-        loaded = load_task(task, path, args.split)
-        samples.extend(loaded[: args.limit] if args.limit else loaded)
     rows = []
     for method in _methods(args, shape):
         out = Path(args.out) / method.name

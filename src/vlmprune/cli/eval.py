@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from vlmprune.cli._common import (
-    CommandError,
     add_loading_args,
     add_task_args,
     load_model,
+    load_task_samples,
     method_or_none,
     parse_params,
 )
@@ -40,21 +40,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _task_paths(tasks: list[str], data: list[str]) -> dict[str, Path]:
-    roots = [Path(d) for d in data if "=" not in d]
-    explicit = dict(d.split("=", 1) for d in data if "=" in d)
-    paths = {}
-    for task in tasks:
-        if task in explicit:
-            paths[task] = Path(explicit[task])
-        elif roots:
-            root = roots[0]
-            paths[task] = root / task if (root / task).is_dir() and task == "ocid-ref" else root
-        else:
-            raise CommandError(f"no data for task {task!r}: give --data ROOT or --data {task}=PATH")
-    return paths
-
-
 def _distributed() -> tuple[int, int, object | None]:
     """(rank, world size, accelerate state) when launched by accelerate/torchrun, else (0, 1, None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -66,19 +51,10 @@ def _distributed() -> tuple[int, int, object | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmprune.eval.data import load_task
     from vlmprune.eval.runner import EvalConfig, load_records, run_grounding, summarize
 
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     method = method_or_none(args.method, parse_params(args.param))
-    samples = []
-    for task, path in _task_paths(tasks, args.data).items():
-        loaded = load_task(task, path, args.split)
-        samples.extend(loaded[: args.limit] if args.limit else loaded)
-    if not samples:
-        raise CommandError("no samples to evaluate")
+    samples = load_task_samples(args)
     rank, world, state = _distributed()
     processor, model = load_model(
         args.model, device=args.device if state is None else str(state.device), dtype=args.dtype, attn=args.attn

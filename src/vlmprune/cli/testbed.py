@@ -150,8 +150,6 @@ def _train(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as error:
             raise CommandError(f"invalid training configuration: {error}") from None
         trainer = Trainer(args.out, config, device=args.device)
-    with open(os.path.join(args.out, "config.json"), "w") as handle:
-        json.dump(dataclasses.asdict(trainer.config), handle, indent=1)
     stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps)
     print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
     return 0

@@ -67,24 +67,25 @@ class VlmpruneLMM(lmms):
             .to(device)
             .eval()
         )
-        self.method = (
+        method_object = (
             None if method == "none" else build_method(method, **{k: _literal(v) for k, v in method_params.items()})
         )
-        self.batch_size_per_gpu = int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
-        self.device = torch.device(device)
-        self.last_traces: list[dict] = []  # one per generated batch: what the method kept
+        self._attach(self.model, self.processor, method_object, batch_size, max_new_tokens)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, processor: Any, method: Any, batch_size: int = 1) -> VlmpruneLMM:
         """Wraps an already loaded model and processor (no second load)."""
         self = cls.__new__(cls)
         lmms.__init__(self)
-        self.model, self.processor, self.method = model.eval(), processor, method
-        self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), 128
-        self.device = next(model.parameters()).device
-        self.last_traces = []
+        self._attach(model.eval(), processor, method, batch_size, 128)
         return self
+
+    def _attach(self, model, processor, method, batch_size: int | str, max_new_tokens: int) -> None:
+        self.model, self.processor, self.method = model, processor, method
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        self.device = next(model.parameters()).device
+        self.last_traces: list[dict] = []  # one per generated batch: what the method kept
 
     def _scope(self):
         from contextlib import nullcontext

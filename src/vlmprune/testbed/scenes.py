@@ -154,6 +154,12 @@ def _draw_mask(shape: str, footprint: tuple[int, int, int], size: int) -> np.nda
     return np.asarray(mask) > 0
 
 
+def _stream(seed: int, purpose: int, redraw: int = 0) -> np.random.Generator:
+    """The random stream of `seed` for one `purpose` (7: the scene, 11: its evaluation questions); a redraw
+    gets a stream of its own, and redraw 0 keeps the streams every existing scene was drawn from."""
+    return np.random.default_rng([seed, purpose] if redraw == 0 else [seed, purpose, redraw])
+
+
 def make_scene(
     seed: int, *, min_objects: int = 3, max_objects: int = 5, size: int = IMAGE_SIZE, redraw: int = 0
 ) -> Scene:
@@ -164,7 +170,7 @@ def make_scene(
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
-    rng = np.random.default_rng([seed, 7] if redraw == 0 else [seed, 7, redraw])
+    rng = _stream(seed, 7, redraw)
     background = int(rng.integers(96, 160))
     count = int(rng.integers(min_objects, max_objects + 1))
     placed: list[tuple[int, int, int]] = []
@@ -341,7 +347,7 @@ def eval_questions(split: Split, index: int) -> tuple[Scene, Question, Question]
     redraw = 0
     while where is None:  # every object has a twin (about 1 scene in 1,500): redraw the scene under this seed
         scene = make_scene(seed, redraw=redraw)
-        rng = np.random.default_rng([seed, 11] if redraw == 0 else [seed, 11, redraw])
+        rng = _stream(seed, 11, redraw)
         for obj_index in rng.permutation(len(scene.objects)):
             where = _where(scene, int(obj_index), rng)
             if where is not None:

@@ -431,6 +431,11 @@ class Trainer:
         self.train_seconds = 0.0
         self._make_optimizer()
         self._running: dict[str, list[float]] = {}
+        self._write_config()
+
+    def _write_config(self) -> None:
+        with open(os.path.join(self.out, "config.json"), "w") as handle:
+            json.dump(dataclasses.asdict(self.config), handle, indent=1)
 
     # -- optimizer per stage
     def _make_optimizer(self) -> None:
@@ -502,8 +507,7 @@ class Trainer:
             if self.step > 0:
                 self.optimizer.load_state_dict(optimizer_state)
                 self.scheduler.load_state_dict(scheduler_state)
-        with open(os.path.join(self.out, "config.json"), "w") as handle:
-            json.dump(dataclasses.asdict(self.config), handle, indent=1)
+        self._write_config()
         self._log({"event": "reconfigure", "changes": changes})
 
     # -- checkpoints
@@ -720,7 +724,5 @@ def train(
         if os.path.exists(checkpoint):
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass resume to continue it")
         trainer = Trainer(out, config or TrainConfig(), log=log, device=device)
-        with open(os.path.join(out, "config.json"), "w") as handle:
-            json.dump(dataclasses.asdict(trainer.config), handle, indent=1)
     trainer.run(minutes=minutes, max_steps=max_steps)
     return trainer
