@@ -19,6 +19,7 @@ from torch import nn
 
 from vlmprune.cost import ModelShape, TokenSchedule, estimate
 from vlmprune.engine import prune
+from vlmprune.engine.compat import find_cache
 from vlmprune.methods.base import Method
 
 __all__ = ["BenchResult", "Variant", "run_benchmark"]
@@ -116,7 +117,7 @@ def run_benchmark(
                 record["e2e"].append(e2e_s)
                 record["scoring"].append(scoring_s)
                 facts[variant.label].update(
-                    kv_cache_bytes=_cache_bytes(out.past_key_values),
+                    kv_cache_bytes=_cache_bytes(find_cache(out)),
                     peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                     schedule=schedule,
                 )

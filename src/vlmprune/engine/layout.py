@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+from transformers import masking_utils
 
 from vlmprune.errors import VlmpruneError
 
@@ -65,27 +65,37 @@ def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torc
 def attention_mask_for(config: Any, valid_keys: torch.Tensor, query_length: int, dtype: torch.dtype) -> Any:
     """The causal attention mask for the last `query_length` of the keys, in the format `config`'s backend takes.
 
-    `valid_keys` is (batch, kv) bool, False for padding keys. Built with transformers' own mask registry, so
-    eager gets a float mask, sdpa a bool mask (or None when plain causal suffices), flash a 2-D padding mask.
+    `valid_keys` is (batch, kv) bool, False for padding keys. The format is that of the mask function
+    transformers registers for the backend (`AttentionMaskInterface`): eager gets an additive float mask and sdpa a
+    bool mask, each (batch, 1, q, kv), or None for sdpa when plain causal attention is the same; flash attention
+    gets the 2-D padding mask, or None without padding. The mask is built here rather than by calling the
+    registered function, whose arguments have changed between transformers releases.
     """
-    impl = config._attn_implementation
-    if impl not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise VlmpruneError(
-            f"attention implementation {impl!r} has no mask function; register one in "
-            "transformers.masking_utils.AttentionMaskInterface (e.g. the sdpa or eager one)"
-        )
+    kind = _mask_kind(config._attn_implementation)
     kv_length = valid_keys.shape[1]
-    return ALL_MASK_ATTENTION_FUNCTIONS[impl](
-        batch_size=valid_keys.shape[0],
-        q_length=query_length,
-        kv_length=kv_length,
-        q_offset=kv_length - query_length,
-        kv_offset=0,
-        mask_function=causal_mask_function,
-        attention_mask=valid_keys,
-        allow_is_causal_skip=True,
-        dtype=dtype,
-        config=config,
-        use_vmap=False,
-        device=valid_keys.device,
-    )
+    all_valid = bool(valid_keys.all())
+    if kind == "flash":
+        return None if all_valid else valid_keys
+    if kind == "sdpa" and all_valid and query_length in (1, kv_length):
+        return None  # sdpa's own causal path (or no mask for one query) attends to exactly these keys
+    query_at = torch.arange(kv_length - query_length, kv_length, device=valid_keys.device)
+    causal = torch.arange(kv_length, device=valid_keys.device)[None, :] <= query_at[:, None]  # (q, kv)
+    allowed = (causal[None] & valid_keys[:, None, :])[:, None]  # (batch, 1, q, kv)
+    if kind == "eager":
+        return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+    # A padding query sees no key; let it see every key so no torch version's sdpa kernel returns NaN for it.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def _mask_kind(implementation: str) -> str:
+    """'eager', 'sdpa' or 'flash': which of transformers' mask formats `implementation` takes."""
+    kinds = {masking_utils.eager_mask: "eager", masking_utils.sdpa_mask: "sdpa"}
+    kinds[masking_utils.flash_attention_mask] = "flash"
+    registry = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    kind = kinds.get(registry[implementation]) if implementation in registry else None
+    if kind is None:
+        raise VlmpruneError(
+            f"attention implementation {implementation!r} is not supported: vlmprune builds the masks of the eager, "
+            "sdpa and flash-attention backends (and of kernels registered with their mask functions)"
+        )
+    return kind

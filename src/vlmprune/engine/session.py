@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,13 @@ from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.criteria.base import SelectionContext
+from vlmprune.engine.compat import (
+    LAYER_ARGUMENTS,
+    TEXT_MODEL_ARGUMENTS,
+    check_accepts,
+    find_cache,
+    transformers_version,
+)
 from vlmprune.engine.layout import Layout, attention_mask_for, gather_rows
 from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
@@ -93,6 +101,8 @@ class PruningSession:
 
     def install(self) -> None:
         adapter = self.adapter
+        check_accepts(adapter.text_model, TEXT_MODEL_ARGUMENTS, "the decoder stack")
+        check_accepts(adapter.layers[0], LAYER_ARGUMENTS, "a decoder layer")
         self._hook(adapter.multimodal_module, self._on_multimodal)
         self._hook(adapter.text_model, self._on_text_model)
         self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
@@ -125,14 +135,19 @@ class PruningSession:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
             raise VlmpruneError("vlmprune expects the language model to receive inputs_embeds (a VLM forward)")
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs, args)  # by type: transformers has renamed its argument before
         past = cache.get_seq_length() if cache is not None else 0
         if past == 0:
             self._start_prefill(embeds, kwargs, cache)
             return None
         run = self._run
         if run is None or run.cache is not cache:
-            return None  # a cache vlmprune did not prune: run the model as it is
+            raise VlmpruneError(
+                f"vlmprune got a decode step on a KV cache holding {past} tokens but recorded no prefill that "
+                "filled it: prefill the prompt inside the same `vlmprune.prune` block (pass the cache the pruned "
+                f"prefill returned). If you did, transformers {transformers_version()} passes the cache in a way "
+                "this vlmprune does not know: run `vlmprune env` and report its output"
+            )
         return args, self._start_decode_step(embeds, kwargs)
 
     def _layer_hook(self, index: int) -> Any:
@@ -187,6 +202,8 @@ class PruningSession:
         self.trace.output_index = run.current.source.cpu()
         run.probes.clear()
         run.vision_features = None
+        if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
+            run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
             self._run = None  # no cache to decode from: every call is a prefill
 

@@ -1,0 +1,55 @@
+"""What the engine needs from transformers, found by what it is rather than by the name it is passed under.
+
+transformers renames arguments between minor releases (5.24 renamed the decoder's `past_key_values` to `cache`),
+so the engine finds the KV cache by its type, and checks at install time that the decoder layers still take the
+arguments it writes, so that a rename fails loudly at `prune()` instead of silently changing results.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import transformers
+from torch import nn
+from transformers import Cache
+
+from vlmprune.errors import UnsupportedModelError
+
+__all__ = ["LAYER_ARGUMENTS", "TEXT_MODEL_ARGUMENTS", "check_accepts", "find_cache", "transformers_version"]
+
+# The keyword arguments the engine reads from the decoder stack's forward and writes into each decoder layer's.
+TEXT_MODEL_ARGUMENTS = ("inputs_embeds", "attention_mask", "position_ids")
+LAYER_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def transformers_version() -> str:
+    return transformers.__version__
+
+
+def find_cache(*containers: Iterable[Any] | Mapping[str, Any] | None) -> Cache | None:
+    """The first `transformers.Cache` among the values of `containers` (argument tuples, kwargs, model outputs)."""
+    for container in containers:
+        if container is None:
+            continue
+        values = container.values() if isinstance(container, Mapping) else container
+        for value in values:
+            if isinstance(value, Cache):
+                return value
+    return None
+
+
+def check_accepts(module: nn.Module, names: Iterable[str], role: str) -> None:
+    """Raises `UnsupportedModelError` unless `module.forward` takes each of `names` by keyword.
+
+    A forward that only has `**kwargs` for a name would swallow what the engine passes, so it counts as missing.
+    """
+    parameters = inspect.signature(module.forward).parameters
+    missing = [name for name in names if name not in parameters]
+    if missing:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} ({role}) takes no {', '.join(missing)} argument in transformers "
+            f"{transformers_version()}; this vlmprune supports the transformers versions its package declares "
+            "(run `vlmprune env` and report the output)"
+        )
