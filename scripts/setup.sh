@@ -1,37 +1,69 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install vlmprune with its test extra into it. Safe to run again.
+# Create a virtual environment (default .venv) with vlmprune, its test extra and lmms-eval. Safe to run again.
 #
-# torch is installed first and pinned: a package that depends on torch would otherwise pull a multi-GB CUDA
-# build on a CPU-only machine. torchvision is never installed: its registry build for torch 2.13 is a CUDA
-# build that fails to import beside the CPU torch and then breaks transformers' LLaVA import.
+#   bash scripts/setup.sh                        # the versions in requirements/lock.txt (what CI last passed with)
+#   bash scripts/setup.sh --newest               # the newest releases the declared ranges allow
+#   bash scripts/setup.sh --transformers 5.4.0   # one transformers release, the newest of everything else
+#   options: --venv DIR (default .venv), --no-lmms-eval (also VLMPRUNE_SKIP_LMMS_EVAL=1)
+#
+# torch is installed first and pinned (TORCH_VERSION, default 2.13.0): a package that depends on torch would
+# otherwise pull a multi-GB CUDA build on a CPU-only machine. torchvision is never installed: its registry build
+# for torch 2.13 is a CUDA build that fails to import beside the CPU torch and then breaks transformers' LLaVA.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+LMMS_EVAL_VERSION="0.7.3"
+VENV=".venv"
+MODE="locked"
+TRANSFORMERS=""
+LMMS_EVAL=1
+[ "${VLMPRUNE_SKIP_LMMS_EVAL:-0}" = "1" ] && LMMS_EVAL=0
 
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --newest) MODE="newest" ;;
+        --transformers) TRANSFORMERS="${2:?--transformers needs a version}"; MODE="newest"; shift ;;
+        --venv) VENV="${2:?--venv needs a directory}"; shift ;;
+        --no-lmms-eval) LMMS_EVAL=0 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
 fi
-.venv/bin/python - <<'PY'
+PY="$VENV/bin/python"
+"$PY" - <<'PY'
 import sys
 if sys.version_info < (3, 10):
-    sys.exit(f"vlmprune needs Python >= 3.10; .venv has {sys.version.split()[0]} (set PYTHON=python3.11)")
+    sys.exit(f"vlmprune needs Python >= 3.10; the venv has {sys.version.split()[0]} (set PYTHON=python3.11)")
 PY
 
-.venv/bin/python -m pip install --quiet "torch==${TORCH_VERSION}"
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# pip's options for each mode: the lock as constraints, or upgrades to the newest allowed releases.
+if [ "$MODE" = "locked" ]; then
+    PIN=(-c requirements/lock.txt)
+else
+    PIN=(--upgrade)
+fi
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 
-# lmms-eval (optional, for its task suite) declares torchvision, wandb, openai, ... as dependencies; install it
-# without them, plus the ones its evaluator actually imports.
-if [ "${VLMPRUNE_SKIP_LMMS_EVAL:-0}" != "1" ]; then
-    .venv/bin/python -m pip install --quiet --no-deps "lmms-eval==0.7.3"
-    .venv/bin/python -m pip install --quiet loguru jsonlines pytablewriter evaluate tenacity sqlitedict pyyaml \
-        sacrebleu zstandard numexpr scikit-learn datasets
+"${PIP[@]}" "${PIN[@]}" "torch==${TORCH_VERSION}"
+"${PIP[@]}" "${PIN[@]}" -e ".[test]" ${TRANSFORMERS:+"transformers==${TRANSFORMERS}"}
+
+if [ "$LMMS_EVAL" = "1" ]; then
+    "${PIP[@]}" "${PIN[@]}" -r requirements/lmms-eval.txt ${TRANSFORMERS:+"transformers==${TRANSFORMERS}"}
+    # --no-deps leaves lmms-eval's heavy dependencies out on purpose; pip would list each as an ERROR.
+    "${PIP[@]}" --no-deps --no-warn-conflicts "lmms-eval==${LMMS_EVAL_VERSION}"
+    echo "lmms-eval ${LMMS_EVAL_VERSION}: installed without torchvision, wandb, openai and its other optional" \
+        "dependencies (see requirements/lmms-eval.txt)"
 fi
 
-if .venv/bin/python -m pip show --quiet torchvision >/dev/null 2>&1; then
-    echo "warning: torchvision is installed in .venv; if transformers fails to import LLaVA," \
-        "run: .venv/bin/python -m pip uninstall -y torchvision" >&2
+if "$PY" -m pip show --quiet torchvision >/dev/null 2>&1; then
+    echo "warning: torchvision is installed in $VENV; if transformers fails to import LLaVA," \
+        "run: $PY -m pip uninstall -y torchvision" >&2
 fi
-.venv/bin/python -c "import torch, transformers, vlmprune; print(f'vlmprune {vlmprune.__version__}: torch {torch.__version__}, transformers {transformers.__version__}')"
+"$PY" -c "import torch, transformers, vlmprune; print(f'vlmprune {vlmprune.__version__} in $VENV ($MODE): torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vlmprune
-from oracle import reference_greedy, reference_logits
 from vlmprune.methods import METHODS
+from vlmprune.reference import reference_greedy, reference_logits
 
 # Every registered method, with parameters that fit a 6-layer model; extra rows cover policy variants.
 METHOD_CASES = {

@@ -11,6 +11,7 @@ from vlmprune.engine import prune
 from vlmprune.errors import (
     BudgetError,
     LayerError,
+    MissingExtraError,
     NoImageTokensError,
     UnknownMethodError,
     UnsupportedModelError,
@@ -25,6 +26,7 @@ __all__ = [
     "Keep",
     "LayerError",
     "Method",
+    "MissingExtraError",
     "NoImageTokensError",
     "Stage",
     "StageRecord",

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BudgetError",
     "LayerError",
+    "MissingExtraError",
     "NoImageTokensError",
     "UnknownMethodError",
     "UnsupportedModelError",
@@ -34,3 +35,7 @@ class BudgetError(VlmpruneError):
 
 class NoImageTokensError(VlmpruneError):
     """A prompt with no image tokens, so there is nothing to prune."""
+
+
+class MissingExtraError(VlmpruneError):
+    """An optional dependency (matplotlib, accelerate, pyarrow, lmms-eval) that a command needs is missing or broken."""

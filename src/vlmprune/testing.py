@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessorPil,
@@ -40,6 +42,7 @@ __all__ = [
     "init_llava",
     "llava_config_for_shape",
     "llava_processor",
+    "save_llava_weights",
     "save_tiny_llava",
     "tiny_llava_config",
     "word_level_llava_config",
@@ -282,9 +285,37 @@ def save_tiny_llava(
     processor = build_tiny_processor(
         image_size=config.vision_config.image_size, patch_size=config.vision_config.patch_size
     )
-    model.save_pretrained(path)
+    save_llava_weights(model, path)
     processor.save_pretrained(path)
     return path
+
+
+# In-memory parameter prefixes of transformers 5.x's LLaVA, most specific first, and where the llava-hf Hub
+# checkpoints keep them. Every transformers release reads the Hub's layout; the layout `save_pretrained` writes
+# has changed (5.6 and later drop CLIP's `vision_model` level), and a release older than the writer's misreads it.
+_LLAVA_HUB_LAYOUT = (
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.language_model.", "language_model.model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "language_model.lm_head."),
+)
+
+
+def save_llava_weights(model: LlavaForConditionalGeneration, path: str | os.PathLike[str]) -> None:
+    """`model.save_pretrained(path)`, the weights written in the llava-hf Hub layout, which every 5.x release reads."""
+    path = os.fspath(path)
+    model.save_pretrained(path)
+    tied = model.config.get_text_config().tie_word_embeddings
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tied and name.startswith("lm_head."):
+            continue
+        ours, hub = next((prefix, hub) for prefix, hub in _LLAVA_HUB_LAYOUT if name.startswith(prefix))
+        state[hub + name[len(ours) :]] = tensor.detach().contiguous()
+    for stale in Path(path).glob("model*.safetensors*"):  # a sharded save's files and index
+        stale.unlink()
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 def llava_config_for_shape(shape: ModelShape) -> LlavaConfig:

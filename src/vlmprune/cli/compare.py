@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 from vlmprune.cli._common import (
-    CommandError,
     add_loading_args,
     add_task_args,
     load_model,
     load_task_samples,
     parse_method_params,
 )
+from vlmprune.extras import import_extra
 
 __all__ = ["add_parser", "run", "table"]
 
@@ -61,11 +61,8 @@ def _other_tasks(args, model, processor, method, out: Path) -> dict[str, float]:
     tasks = [t.strip() for t in args.other_tasks.split(",") if t.strip()]
     if not tasks:
         return {}
-    try:
-        from lmms_eval.evaluator import simple_evaluate
-        from lmms_eval.tasks import TaskManager
-    except ImportError:
-        raise CommandError("--other-tasks needs lmms-eval (bash scripts/setup.sh installs it)") from None
+    simple_evaluate = import_extra("lmms_eval.evaluator", "--other-tasks").simple_evaluate
+    TaskManager = import_extra("lmms_eval.tasks", "--other-tasks").TaskManager
     from vlmprune.eval.lmms_plugin import VlmpruneLMM
 
     lmm = VlmpruneLMM.from_model(model, processor, method, batch_size=args.batch_size)

@@ -16,6 +16,7 @@ from vlmprune.cli._common import (
     parse_params,
 )
 from vlmprune.errors import VlmpruneError
+from vlmprune.extras import import_extra
 
 __all__ = ["add_parser", "markdown_summary", "run"]
 
@@ -44,9 +45,7 @@ def _distributed() -> tuple[int, int, object | None]:
     """(rank, world size, accelerate state) when launched by accelerate/torchrun, else (0, 1, None)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = import_extra("accelerate", "evaluation on several processes").PartialState()
     return state.process_index, state.num_processes, state
 
 

@@ -17,7 +17,18 @@ from vlmprune.errors import VlmpruneError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
-SUBCOMMANDS: tuple[str, ...] = ("methods", "generate", "flops", "bench", "eval", "compare", "viz", "testbed", "demo")
+SUBCOMMANDS: tuple[str, ...] = (
+    "methods",
+    "generate",
+    "flops",
+    "bench",
+    "eval",
+    "compare",
+    "viz",
+    "testbed",
+    "demo",
+    "env",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.extras import import_extra
 
 __all__ = ["LOADERS", "RefSample", "load_hf_parquet", "load_ocid_ref", "load_refer", "load_task", "open_image_ref"]
 
@@ -123,10 +124,7 @@ def load_hf_parquet(path: str | Path, task: str = "refcoco", split: str = "val")
     Rows have `image` ({"bytes": ...}), `bbox` as [x, y, w, h] in pixels and `answer`, a list of expressions
     (one sample each), plus `question_id`. Files are `<path>/**/<split>-*.parquet`.
     """
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise VlmpruneError("reading parquet datasets needs pyarrow: pip install pyarrow") from None
+    pq = import_extra("pyarrow.parquet", "reading parquet datasets")
     files = sorted(Path(path).rglob(f"{split}*.parquet"))
     if not files:
         raise VlmpruneError(f"no {split}*.parquet files under {path}")
@@ -193,8 +191,7 @@ def open_image_ref(ref: str) -> Image.Image:
     """The image a `RefSample.image_ref` (as eval records store it) points to: a file, or `file.parquet#row`."""
     path, sep, row = ref.rpartition("#")
     if sep and path.endswith(".parquet") and row.isdigit():
-        import pyarrow.parquet as pq
-
+        pq = import_extra("pyarrow.parquet", "reading images from parquet datasets")
         cell = pq.read_table(path, columns=["image"]).slice(int(row), 1).to_pylist()[0]["image"]
         return _bytes_opener((cell or {}).get("bytes") or b"")()
     return _file_opener(Path(ref))()

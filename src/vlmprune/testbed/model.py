@@ -22,15 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from vlmprune.errors import VlmpruneError
 from vlmprune.testbed.scenes import COLOURS, IMAGE_SIZE, NUM_BINS, SHAPES, SIZES, bins_to_box
 from vlmprune.testing import (
     IMAGE_TOKEN,
     SPECIAL_TOKENS,
     init_llava,
     llava_processor,
+    save_llava_weights,
     word_level_llava_config,
     word_level_tokenizer,
 )
@@ -135,7 +138,7 @@ def save_testbed(model: LlavaForConditionalGeneration, path: str | os.PathLike[s
     to_save = copy.deepcopy(model).to(torch.float16) if fp16 else model
     vision = model.config.vision_config
     with _quiet():
-        to_save.save_pretrained(path)
+        save_llava_weights(to_save, path)
         build_testbed_processor(vision.image_size, vision.patch_size).save_pretrained(path)
     return path
 
@@ -163,7 +166,14 @@ def load_testbed(
         )
     with _quiet():
         processor = LlavaProcessor.from_pretrained(path)
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+        )
+    unmatched = sorted({*info["missing_keys"], *info["unexpected_keys"]})
+    if unmatched:  # from_pretrained only warns, and the model would answer from random weights
+        raise VlmpruneError(
+            f"the testbed model in {path} does not match transformers {transformers.__version__}'s LLaVA: "
+            f"{len(unmatched)} weights missing or unexpected (e.g. {unmatched[0]}); re-export it with "
+            "`vlmprune testbed export`, or run `vlmprune env` and report the output"
         )
     return processor, model.eval()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from vlmprune.extras import import_extra
 from vlmprune.viz.analysis import box_token_share, keep_mask
 from vlmprune.viz.frame import LLAVA_MEAN_RGB, box_in_frame, frame_image
 from vlmprune.viz.records import has_stages, stage_of
@@ -38,13 +39,11 @@ MAX_IMAGE_SIDE = 512  # the framed image is downscaled to this many pixels at mo
 
 
 def _new_figure(width: float, height: float, dpi: int = 100) -> Figure:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("pictures need matplotlib: pip install 'vlmprune[viz]'") from error
-    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(figure)
+    canvas = import_extra("matplotlib.backends.backend_agg", "drawing pictures").FigureCanvasAgg
+    figure = import_extra("matplotlib.figure", "drawing pictures").Figure(
+        figsize=(width, height), dpi=dpi, layout="constrained"
+    )
+    canvas(figure)
     return figure
 
 

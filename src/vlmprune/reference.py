@@ -2,7 +2,8 @@
 
 It never gathers rows or touches the cache: every layer runs on the whole sequence, and from each stage's
 layer on the tokens that stage dropped are hidden from every query by the attention mask. With renumbered
-positions, the tokens still alive at a layer get positions 0, 1, 2, ... in order.
+positions, the tokens still alive at a layer get positions 0, 1, 2, ... in order. The tests and `vlmprune env`'s
+self-check compare pruned runs against it; it runs the eager and sdpa backends, on CPU tensors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 
 from vlmprune.adapters import get_adapter
 from vlmprune.trace import Trace
+
+__all__ = ["alive_per_layer", "positions_from_mask", "reference_greedy", "reference_logits"]
 
 
 def alive_per_layer(model, input_ids, attention_mask, trace: Trace) -> list[torch.Tensor]:
