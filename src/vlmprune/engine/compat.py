@@ -17,9 +17,18 @@ from transformers import Cache
 
 from vlmprune.errors import UnsupportedModelError
 
-__all__ = ["LAYER_ARGUMENTS", "TEXT_MODEL_ARGUMENTS", "check_accepts", "find_cache", "transformers_version"]
+__all__ = [
+    "LAYER_ARGUMENTS",
+    "MULTIMODAL_ARGUMENTS",
+    "TEXT_MODEL_ARGUMENTS",
+    "check_accepts",
+    "find_cache",
+    "transformers_version",
+]
 
-# The keyword arguments the engine reads from the decoder stack's forward and writes into each decoder layer's.
+# The keyword arguments the engine reads from the multimodal model's and the decoder stack's forward, and writes
+# into each decoder layer's.
+MULTIMODAL_ARGUMENTS = ("input_ids",)
 TEXT_MODEL_ARGUMENTS = ("inputs_embeds", "attention_mask", "position_ids")
 LAYER_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
 

@@ -14,6 +14,7 @@ from vlmprune.adapters.base import ModelAdapter
 from vlmprune.criteria.base import SelectionContext
 from vlmprune.engine.compat import (
     LAYER_ARGUMENTS,
+    MULTIMODAL_ARGUMENTS,
     TEXT_MODEL_ARGUMENTS,
     check_accepts,
     find_cache,
@@ -101,6 +102,7 @@ class PruningSession:
 
     def install(self) -> None:
         adapter = self.adapter
+        check_accepts(adapter.multimodal_module, MULTIMODAL_ARGUMENTS, "the multimodal model")
         check_accepts(adapter.text_model, TEXT_MODEL_ARGUMENTS, "the decoder stack")
         check_accepts(adapter.layers[0], LAYER_ARGUMENTS, "a decoder layer")
         self._hook(adapter.multimodal_module, self._on_multimodal)
