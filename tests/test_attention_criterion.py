@@ -50,7 +50,12 @@ def _context() -> SelectionContext:
     image_id[0, TEXT_BEFORE : TEXT_BEFORE + n_image] = torch.arange(n_image)
     positions = torch.arange(n)[None]
     layout = Layout(
-        source=positions, valid=torch.ones(1, n, dtype=torch.bool), image_id=image_id, position_ids=positions
+        source=positions,
+        valid=torch.ones(1, n, dtype=torch.bool),
+        image_id=image_id,
+        position_ids=positions,
+        n_real=[n],
+        n_image=[n_image],
     )
     cos_sin = LlamaRotaryEmbedding(config)(hidden, positions)
     probe = AttentionProbe(_BareAdapter(None), layer, hidden, layout, cos_sin)

@@ -91,21 +91,24 @@ def test_masks_take_each_backend_format():
         _attn_implementation = "eager"
 
     config = Config()
-    eager = attention_mask_for(config, valid, 2, torch.float32)
+    eager = attention_mask_for(config, valid, 2, torch.float32, padded=True)
     assert eager.shape == (2, 1, 2, 4) and eager.dtype == torch.float32
     assert eager[0, 0, 0].tolist() == [torch.finfo(torch.float32).min, 0.0, 0.0, torch.finfo(torch.float32).min]
     config._attn_implementation = "sdpa"
-    assert attention_mask_for(config, valid[1:], 4, torch.float32) is None  # plain causal: sdpa's is_causal path
-    assert attention_mask_for(config, valid, 2, torch.float32)[0, 0].tolist() == [
+    assert (
+        attention_mask_for(config, valid[1:], 4, torch.float32, padded=False) is None
+    )  # plain causal: sdpa's is_causal path
+    assert attention_mask_for(config, valid, 2, torch.float32, padded=True)[0, 0].tolist() == [
         [False, True, True, False],
         [False, True, True, True],
     ]
+    assert attention_mask_for(config, valid[1:], 4, torch.float32, padded=None).shape == (1, 1, 4, 4)  # unknown
     config._attn_implementation = "flash_attention_2"
-    assert attention_mask_for(config, valid[1:], 4, torch.float32) is None
-    assert torch.equal(attention_mask_for(config, valid, 2, torch.float32), valid)
+    assert attention_mask_for(config, valid[1:], 4, torch.float32, padded=False) is None
+    assert torch.equal(attention_mask_for(config, valid, 2, torch.float32, padded=True), valid)
     config._attn_implementation = "flex_attention"
     with pytest.raises(vlmprune.VlmpruneError, match="'flex_attention' is not supported"):
-        attention_mask_for(config, valid, 2, torch.float32)
+        attention_mask_for(config, valid, 2, torch.float32, padded=True)
 
 
 def test_a_missing_extra_is_one_error_with_the_install_command(monkeypatch):

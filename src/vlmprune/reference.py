@@ -28,8 +28,8 @@ def alive_per_layer(model, input_ids, attention_mask, trace: Trace) -> list[torc
         if layer in stages:
             current = valid.clone()
             for b, kept in enumerate(stages[layer].kept):
-                keep_image = torch.zeros(int(image[b].sum()), dtype=torch.bool)
-                keep_image[kept] = True
+                keep_image = torch.zeros(int(image[b].sum()), dtype=torch.bool, device=image.device)
+                keep_image[kept.to(image.device)] = True
                 current[b] &= ~image[b] | keep_image[image_id[b].clamp(min=0)]
         alive.append(current.clone())
     return alive

@@ -21,7 +21,8 @@ class StageRecord:
         grid: (rows, cols) of the first image's token grid; `image_grids` has every image's.
         kept: one sorted 1-D LongTensor per sample of indices into that sample's image tokens (raster order
             of the original grid; with several images, the images' tokens are numbered one after another).
-            Counts may differ between samples.
+            Counts may differ between samples. On the model's device: the engine never waits to copy them,
+            so `.tolist()` or `.cpu()` them when reading.
         image_grids: per sample, the (rows, cols) of each of its images, in prompt order.
         n_before: per sample, image tokens present just before this stage.
         scoring_layer: the decoder layer whose queries and keys scored the tokens (None if no LLM score).
@@ -52,9 +53,9 @@ class Trace:
         tokens_per_layer: (batch, num_layers) LongTensor, the real (non-padding) tokens each decoder layer
             processed in prefill.
         image_tokens_per_layer: (batch, num_layers) LongTensor, the image tokens among them.
-        output_index: (batch, seq_out) LongTensor mapping each row of the language model's output sequence
-            to its column in the input sequence (-1 for padding). Pruned calls return fewer rows than the
-            input had; the last row is always each sample's last token.
+        output_index: (batch, seq_out) LongTensor on the model's device, mapping each row of the language
+            model's output sequence to its column in the input sequence (-1 for padding). Pruned calls return
+            fewer rows than the input had; the last row is always each sample's last token.
         calls: number of prefills traced since the context was entered.
     """
 

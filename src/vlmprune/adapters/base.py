@@ -66,8 +66,11 @@ class ModelAdapter(ABC):
         """(batch, seq) bool: which tokens are image tokens."""
 
     @abstractmethod
-    def image_grids(self, image_mask: torch.Tensor, forward_kwargs: dict) -> list[list[tuple[int, int]]]:
-        """Per sample, (rows, cols) of each image's token grid, in prompt order."""
+    def image_grids(self, image_counts: list[int], forward_kwargs: dict) -> list[list[tuple[int, int]]]:
+        """Per sample, (rows, cols) of each image's token grid, in prompt order.
+
+        `image_counts[b]` is sample b's number of image tokens; `forward_kwargs` are the decoder stack's.
+        """
 
     def split_vision_features(self, features: torch.Tensor, n_image_tokens: list[int]) -> list[torch.Tensor]:
         """Per sample, (N_b, channels) vision features in image-token order, from what the vision module got."""

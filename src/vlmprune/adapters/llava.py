@@ -51,10 +51,10 @@ class LlavaAdapter(ModelAdapter):
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return input_ids == self.image_token_id
 
-    def image_grids(self, image_mask: torch.Tensor, forward_kwargs: dict) -> list[list[tuple[int, int]]]:
+    def image_grids(self, image_counts: list[int], forward_kwargs: dict) -> list[list[tuple[int, int]]]:
         per_image = self.grid[0] * self.grid[1]
         grids = []
-        for count in image_mask.sum(dim=1).tolist():
+        for count in image_counts:
             if count % per_image:
                 raise UnsupportedModelError(
                     f"a sample has {count} image tokens, not a multiple of the {per_image} tokens of one "

@@ -25,12 +25,16 @@ class Layout:
         position_embeddings: the rows' (cos, sin); None while the model's own are in use.
         mask: the rows' prefill attention mask in the backend's format; None while the model's own is in use.
         decode_shift: (batch,) subtracted from a decode step's position ids; None with original positions.
+        n_real: per sample, rows that are not padding (host integers, so that no step waits for the device).
+        n_image: per sample, rows that hold image tokens (host integers).
     """
 
     source: torch.Tensor
     valid: torch.Tensor
     image_id: torch.Tensor
     position_ids: torch.Tensor
+    n_real: list[int]
+    n_image: list[int]
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     mask: Any = None
     decode_shift: torch.Tensor | None = None
@@ -39,17 +43,29 @@ class Layout:
     def is_original(self) -> bool:
         return self.position_embeddings is None
 
+    @property
+    def padded(self) -> bool:
+        """Whether some row is padding (known on the host)."""
+        return min(self.n_real) < self.valid.shape[1]
+
     def image_columns(self) -> list[torch.Tensor]:
         """Per sample, the rows holding image tokens, ascending."""
-        return [torch.nonzero(row >= 0).flatten() for row in self.image_id]
+        return _columns(self.image_id >= 0, self.n_image)
 
-    def real_tokens(self) -> torch.Tensor:
-        """(batch,) rows that are not padding."""
-        return self.valid.sum(dim=1)
+    def text_columns(self) -> list[torch.Tensor]:
+        """Per sample, the real rows that are not image tokens, ascending."""
+        return _columns(
+            self.valid & (self.image_id < 0), [r - i for r, i in zip(self.n_real, self.n_image, strict=True)]
+        )
 
-    def image_tokens(self) -> torch.Tensor:
-        """(batch,) rows that hold image tokens."""
-        return (self.image_id >= 0).sum(dim=1)
+
+def _columns(mask: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per sample b, the `counts[b]` columns where `mask` (batch, n) is True, ascending, without a host sync.
+
+    A stable descending sort puts each row's True columns first, in order; `counts` says how many there are.
+    """
+    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    return [order[b, :count] for b, count in enumerate(counts)]
 
 
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -62,18 +78,26 @@ def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torc
     return torch.gather(tensor, dim, expanded.expand(*lead, *index.shape, *trailing))
 
 
-def attention_mask_for(config: Any, valid_keys: torch.Tensor, query_length: int, dtype: torch.dtype) -> Any:
+def attention_mask_for(
+    config: Any, valid_keys: torch.Tensor, query_length: int, dtype: torch.dtype, padded: bool | None
+) -> Any:
     """The causal attention mask for the last `query_length` of the keys, in the format `config`'s backend takes.
 
-    `valid_keys` is (batch, kv) bool, False for padding keys. The format is that of the mask function
-    transformers registers for the backend (`AttentionMaskInterface`): eager gets an additive float mask and sdpa a
-    bool mask, each (batch, 1, q, kv), or None for sdpa when plain causal attention is the same; flash attention
-    gets the 2-D padding mask, or None without padding. The mask is built here rather than by calling the
-    registered function, whose arguments have changed between transformers releases.
+    `valid_keys` is (batch, kv) bool, False for padding keys. `padded` says whether any key is padding, from
+    host-side counts so that choosing the format does not wait for the device; None when the host does not know:
+    eager and sdpa then get the full mask (right either way), flash attention asks the device.
+
+    The format is that of the mask function transformers registers for the backend (`AttentionMaskInterface`):
+    eager gets an additive float mask and sdpa a bool mask, each (batch, 1, q, kv), or None for sdpa when plain
+    causal attention is the same; flash attention gets the 2-D padding mask, or None without padding. The mask
+    is built here rather than by calling the registered function, whose arguments have changed between
+    transformers releases.
     """
     kind = _mask_kind(config._attn_implementation)
     kv_length = valid_keys.shape[1]
-    all_valid = bool(valid_keys.all())
+    if padded is None:
+        padded = not bool(valid_keys.all()) if kind == "flash" else True
+    all_valid = not padded
     if kind == "flash":
         return None if all_valid else valid_keys
     if kind == "sdpa" and all_valid and query_length in (1, kv_length):

@@ -44,6 +44,7 @@ class _Prefill:
     probes: dict[int, AttentionProbe] = field(default_factory=dict)
     generated: int = 0  # tokens fed after the prefill, the current step's included
     step_mask: torch.Tensor | None = None  # (batch, generated) validity of those tokens
+    step_padded: bool | None = None  # whether step_mask holds a False; None if not known on the host
     step_position_ids: torch.Tensor | None = None
     step_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -196,12 +197,10 @@ class PruningSession:
         run = self._run
         if run is None or run.generated:
             return
-        counts = torch.stack([layout.real_tokens() for layout in run.layouts], dim=1)
-        image_counts = torch.stack([layout.image_tokens() for layout in run.layouts], dim=1)
-        per_layer = torch.tensor(self._layout_of_layer, device=counts.device)
-        self.trace.tokens_per_layer = counts[:, per_layer].cpu()
-        self.trace.image_tokens_per_layer = image_counts[:, per_layer].cpu()
-        self.trace.output_index = run.current.source.cpu()
+        layouts = [run.layouts[s] for s in self._layout_of_layer]  # the layout each decoder layer ran on
+        self.trace.tokens_per_layer = torch.tensor([layout.n_real for layout in layouts]).T
+        self.trace.image_tokens_per_layer = torch.tensor([layout.n_image for layout in layouts]).T
+        self.trace.output_index = run.current.source
         run.probes.clear()
         run.vision_features = None
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
@@ -218,13 +217,6 @@ class PruningSession:
         if input_ids is None or tuple(input_ids.shape) != (batch, length):
             raise VlmpruneError("vlmprune needs the prompt's input_ids (not only inputs_embeds) to find image tokens")
         image_mask = self.adapter.image_token_mask(input_ids)
-        n_image = image_mask.sum(dim=1).tolist()
-        if min(n_image) == 0:
-            missing = [b for b, n in enumerate(n_image) if n == 0]
-            raise NoImageTokensError(
-                f"sample(s) {missing} of the batch have no image tokens; vlmprune prunes image tokens, so every "
-                "prompt needs an image (check that the processor inserted the image placeholder)"
-            )
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise VlmpruneError("vlmprune needs a 2-D (batch, seq) attention_mask, got a pre-built 4-D mask")
@@ -233,6 +225,14 @@ class PruningSession:
             if attention_mask is not None
             else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         )
+        # The prefill's one wait for the device: every later count is derived from these on the host.
+        n_image, n_real = torch.stack([image_mask.sum(dim=1), valid.sum(dim=1)]).tolist()
+        if min(n_image) == 0:
+            missing = [b for b, n in enumerate(n_image) if n == 0]
+            raise NoImageTokensError(
+                f"sample(s) {missing} of the batch have no image tokens; vlmprune prunes image tokens, so every "
+                "prompt needs an image (check that the processor inserted the image placeholder)"
+            )
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = self.adapter.default_position_ids(batch, length, 0, embeds.device)
@@ -242,13 +242,15 @@ class PruningSession:
             valid=valid,
             image_id=image_id,
             position_ids=position_ids.expand(*position_ids.shape[:-2], batch, length),
+            n_real=n_real,
+            n_image=n_image,
         )
         self.trace.reset()
         self.trace.calls += 1
         self.trace.image_tokens = n_image
         self._run = _Prefill(
             layouts=[original],
-            image_grids=self.adapter.image_grids(image_mask, kwargs),
+            image_grids=self.adapter.image_grids(n_image, kwargs),
             n_image=n_image,
             length=length,
             cache=cache,
@@ -274,12 +276,12 @@ class PruningSession:
             vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
         )
         picks = stage.criterion.select(ctx, budgets)
-        text = layout.valid & (layout.image_id < 0)
         rows = [
-            torch.cat([torch.nonzero(text[b]).flatten(), image_cols[b][pick.to(image_cols[b].device)]]).sort().values
-            for b, pick in enumerate(picks)
+            torch.cat([text, cols[pick.to(cols.device)]]).sort().values
+            for text, cols, pick in zip(layout.text_columns(), image_cols, picks, strict=True)
         ]
-        new, index = self._reduced_layout(layout, rows, stage, hidden)
+        n_image = [int(pick.numel()) for pick in picks]
+        new, index = self._reduced_layout(layout, rows, n_image, stage, hidden)
         run.layouts.append(new)
         kept_hidden = gather_rows(hidden, index)
         self._wait(kept_hidden)
@@ -288,7 +290,7 @@ class PruningSession:
             StageRecord(
                 layer=stage.layer,
                 grid=run.image_grids[0][0],
-                kept=[ids[pick.to(ids.device)].sort().values.cpu() for ids, pick in zip(image_ids, picks, strict=True)],
+                kept=[ids[pick.to(ids.device)].sort().values for ids, pick in zip(image_ids, picks, strict=True)],
                 image_grids=run.image_grids,
                 n_before=[int(ids.numel()) for ids in image_ids],
                 scoring_layer=stage.scoring_layer if stage.needs_attention else None,
@@ -302,16 +304,20 @@ class PruningSession:
             torch.cuda.synchronize(tensor.device)
 
     def _reduced_layout(
-        self, layout: Layout, rows: list[torch.Tensor], stage: Stage, hidden: torch.Tensor
+        self, layout: Layout, rows: list[torch.Tensor], n_image: list[int], stage: Stage, hidden: torch.Tensor
     ) -> tuple[Layout, torch.Tensor]:
-        """The layout holding `rows` of `layout` per sample, left-padded, and its (batch, n) row index."""
+        """The layout holding `rows` (real rows only) of `layout` per sample, left-padded, and its row index.
+
+        `n_image[b]` of sample b's rows are image tokens. Returns the layout and the (batch, width) index.
+        """
         run, device = self._run, layout.valid.device
-        batch, width = len(rows), max(r.numel() for r in rows)
+        n_real = [int(r.numel()) for r in rows]
+        batch, width = len(rows), max(n_real)
         index = torch.zeros(batch, width, dtype=torch.long, device=device)
         valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
         for b, r in enumerate(rows):
-            index[b, width - r.numel() :] = r
-            valid[b, width - r.numel() :] = layout.valid[b, r]
+            index[b, width - n_real[b] :] = r
+            valid[b, width - n_real[b] :] = True
         source = torch.where(valid, torch.gather(layout.source, 1, index), -1)
         image_id = torch.where(valid, torch.gather(layout.image_id, 1, index), -1)
         original = run.layouts[0]
@@ -323,7 +329,7 @@ class PruningSession:
         else:
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
-            shift = original.real_tokens() - valid.sum(dim=1)
+            shift = torch.tensor([a - b for a, b in zip(original.n_real, n_real, strict=True)], device=device)
         config = self.adapter.text_config
         reduced = Layout(
             source=source,
@@ -331,7 +337,9 @@ class PruningSession:
             image_id=image_id,
             position_ids=position_ids,
             position_embeddings=position_embeddings,
-            mask=attention_mask_for(config, valid, width, hidden.dtype),
+            n_real=n_real,
+            n_image=n_image,
+            mask=attention_mask_for(config, valid, width, hidden.dtype, padded=min(n_real) < width),
             decode_shift=shift,
         )
         return reduced, index
@@ -353,8 +361,10 @@ class PruningSession:
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None:
             run.step_mask = attention_mask[:, -run.generated :].bool()
+            run.step_padded = None  # the caller's mask may hold zeros: unknown without asking the device
         else:
             run.step_mask = torch.ones(batch, run.generated, dtype=torch.bool, device=embeds.device)
+            run.step_padded = False
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = self.adapter.default_position_ids(batch, q, run.length + past_generated, embeds.device)
@@ -373,9 +383,10 @@ class PruningSession:
             layout = run.layouts[s]
             hidden = args[0] if args else kwargs["hidden_states"]
             valid_keys = torch.cat([layout.valid, run.step_mask], dim=1)
+            padded = True if layout.padded else run.step_padded
             step = {
                 "attention_mask": attention_mask_for(
-                    self.adapter.text_config, valid_keys, hidden.shape[1], hidden.dtype
+                    self.adapter.text_config, valid_keys, hidden.shape[1], hidden.dtype, padded=padded
                 )
             }
             if layout.decode_shift is not None:
