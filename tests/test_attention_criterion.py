@@ -13,6 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.criteria import Attention, SelectionContext
+from vlmprune.criteria.base import kept_positions
 from vlmprune.engine.layout import Layout
 from vlmprune.engine.probe import AttentionProbe
 
@@ -59,8 +60,8 @@ def _context() -> SelectionContext:
     )
     cos_sin = LlamaRotaryEmbedding(config)(hidden, positions)
     probe = AttentionProbe(_BareAdapter(None), layer, hidden, layout, cos_sin)
-    return SelectionContext(
-        image_ids=[torch.arange(n_image)], image_grids=[[(SIDE, SIDE)]], n_original=[n_image], attention_fn=probe
+    return SelectionContext.from_lists(
+        [torch.arange(n_image)], image_grids=[[(SIDE, SIDE)]], n_original=[n_image], attention_fn=probe
     )
 
 
@@ -70,7 +71,7 @@ def mean_row(kept: torch.Tensor) -> float:
 
 def test_rope_attention_prefers_the_bottom_rows_and_no_rope_does_not():
     ctx = _context()
-    with_rope = Attention(rope=True).select(ctx, [16])[0]
+    with_rope = kept_positions(Attention(rope=True).select(ctx, [16]))[0]
     assert mean_row(with_rope) > 5.5  # the bottom two rows hold 16 tokens: rows 6 and 7
     no_rope_scores = Attention(rope=False, softmax="image").scores(ctx)[0]
     torch.testing.assert_close(no_rope_scores, torch.full_like(no_rope_scores, 1 / SIDE**2))

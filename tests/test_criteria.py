@@ -14,6 +14,7 @@ from vlmprune.criteria import (
     SelectionContext,
     Uniform,
 )
+from vlmprune.criteria.base import kept_positions
 from vlmprune.errors import BudgetError
 from vlmprune.methods import KnnPrune, RandomPrune, UniformPrune
 
@@ -22,8 +23,8 @@ def _ctx(ids, grids, n_original=None, stage_index=0, features=None) -> Selection
     ids = [torch.as_tensor(i, dtype=torch.long) for i in ids]
     if n_original is None:
         n_original = [sum(r * c for r, c in g) for g in grids]
-    return SelectionContext(
-        image_ids=ids,
+    return SelectionContext.from_lists(
+        ids,
         image_grids=grids,
         n_original=n_original,
         stage_index=stage_index,
@@ -39,9 +40,9 @@ class _Fixed(ScoredCriterion):
     """A scored criterion stub whose scores are given."""
 
     def __init__(self, scores: list[list[float]]) -> None:
-        self._scores = [torch.tensor(s) for s in scores]
+        self._scores = torch.tensor(scores)
 
-    def scores(self, ctx: SelectionContext) -> list[torch.Tensor]:
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
         return self._scores
 
 
@@ -50,39 +51,39 @@ class _Fixed(ScoredCriterion):
 
 def test_uniform_stride_3_on_24x24_keeps_the_top_left_anchored_grid():
     ctx = _ctx([_full(24, 24)], [[(24, 24)]])
-    (kept,) = Uniform(stride=3).select(ctx, [10])
+    (kept,) = kept_positions(Uniform(stride=3).select(ctx, [10]))
     assert kept.tolist() == [r * 24 + c for r in range(0, 24, 3) for c in range(0, 24, 3)]
 
 
 @pytest.mark.parametrize(("rows", "stride", "expected"), [(24, 3, 64), (24, 2, 144), (27, 3, 81), (27, 2, 196)])
 def test_uniform_stride_counts_ignore_the_budget(rows, stride, expected):
     ctx = _ctx([_full(rows, rows)], [[(rows, rows)]])
-    assert Uniform(stride=stride).select(ctx, [1])[0].numel() == expected
+    assert kept_positions(Uniform(stride=stride).select(ctx, [1]))[0].numel() == expected
 
 
 def test_uniform_on_a_pruned_set_keeps_only_present_grid_cells_as_positions():
     present = torch.tensor([0, 1, 5, 6, 8, 12, 15])  # of a 4x4 grid; stride 2 cells are 0, 2, 8, 10
     ctx = _ctx([present], [[(4, 4)]])
-    (kept,) = Uniform(stride=2).select(ctx, [3])
+    (kept,) = kept_positions(Uniform(stride=2).select(ctx, [3]))
     assert kept.tolist() == [0, 4]  # positions of ids 0 and 8
     assert present[kept].tolist() == [0, 8]
 
 
 def test_uniform_covers_every_image_of_a_sample():
     ctx = _ctx([_full(4, 4).tolist() + (16 + _full(2, 3)).tolist()], [[(4, 4), (2, 3)]])
-    (kept,) = Uniform(stride=2).select(ctx, [0])
+    (kept,) = kept_positions(Uniform(stride=2).select(ctx, [0]))
     assert kept.tolist() == [0, 2, 8, 10, 16, 18]
 
 
 def test_uniform_rejects_grids_that_do_not_cover_the_image_tokens():
     ctx = _ctx([_full(4, 4)], [[(3, 3)]], n_original=[16])
     with pytest.raises(ValueError, match="grids"):
-        Uniform(stride=2).select(ctx, [4])
+        kept_positions(Uniform(stride=2).select(ctx, [4]))
 
 
 def test_uniform_budget_mode_keeps_exactly_the_budget_spread_over_the_grid():
     ctx = _ctx([_full(24, 24)], [[(24, 24)]])
-    (kept,) = Uniform(stride=None).select(ctx, [100])
+    (kept,) = kept_positions(Uniform(stride=None).select(ctx, [100]))
     assert kept.numel() == 100 and kept.unique().numel() == 100
     rows, cols = (kept // 24).float(), (kept % 24).float()
     assert abs(rows.mean().item() - 11.5) < 1.5 and abs(cols.mean().item() - 11.5) < 1.5
@@ -91,20 +92,21 @@ def test_uniform_budget_mode_keeps_exactly_the_budget_spread_over_the_grid():
 
 def test_uniform_budget_mode_matching_a_stride_grid_returns_that_grid():
     ctx = _ctx([_full(24, 24)], [[(24, 24)]])
-    assert torch.equal(Uniform(stride=None).select(ctx, [64])[0], Uniform(stride=3).select(ctx, [0])[0])
+    spread, grid = (kept_positions(Uniform(stride=stride).select(ctx, [k]))[0] for stride, k in ((None, 64), (3, 0)))
+    assert torch.equal(spread, grid)
 
 
 def test_uniform_budget_mode_splits_the_budget_over_images_by_present_tokens():
     ctx = _ctx([_full(4, 4).tolist() + (16 + _full(2, 4)).tolist()], [[(4, 4), (2, 4)]])
-    (kept,) = Uniform(stride=None).select(ctx, [6])
+    (kept,) = kept_positions(Uniform(stride=None).select(ctx, [6]))
     assert (kept < 16).sum() == 4 and (kept >= 16).sum() == 2
 
 
 def test_uniform_budget_mode_is_deterministic_and_stays_within_present_tokens():
     present = torch.tensor([i for i in range(36) if i % 5 != 0])
     ctx = _ctx([present], [[(6, 6)]])
-    first = Uniform(stride=None).select(ctx, [11])[0]
-    assert torch.equal(first, Uniform(stride=None).select(ctx, [11])[0])
+    first = kept_positions(Uniform(stride=None).select(ctx, [11]))[0]
+    assert torch.equal(first, kept_positions(Uniform(stride=None).select(ctx, [11]))[0])
     assert first.numel() == 11 and int(first.max()) < present.numel()
 
 
@@ -114,7 +116,7 @@ def test_uniform_budget_mode_is_deterministic_and_stays_within_present_tokens():
 def _random_pick(seed=0, stage_index=0, ids=None, k=20):
     ids = _full(8, 8) if ids is None else ids
     ctx = _ctx([ids], [[(8, 8)]], stage_index=stage_index)
-    return ids[RandomScore(seed=seed).select(ctx, [k])[0]]
+    return ids[kept_positions(RandomScore(seed=seed).select(ctx, [k]))[0]]
 
 
 def test_random_is_deterministic_for_a_seed():
@@ -128,8 +130,8 @@ def test_random_differs_across_seeds_and_stages():
 
 def test_random_pick_of_a_sample_does_not_depend_on_the_batch():
     a, b = torch.arange(0, 64, 2), torch.arange(64)
-    alone = RandomScore(seed=7).select(_ctx([a], [[(8, 8)]]), [10])[0]
-    batched = RandomScore(seed=7).select(_ctx([b, a], [[(8, 8)], [(8, 8)]]), [30, 10])[1]
+    alone = kept_positions(RandomScore(seed=7).select(_ctx([a], [[(8, 8)]]), [10]))[0]
+    batched = kept_positions(RandomScore(seed=7).select(_ctx([b, a], [[(8, 8)], [(8, 8)]]), [30, 10]))[1]
     assert torch.equal(alone, batched)
 
 
@@ -157,7 +159,7 @@ def test_knn_ranks_the_cluster_centres_first_and_outliers_last():
     order = KnnDensity(k=5).ranking(ctx)[0].tolist()
     assert order[:2] == [0, 7]
     assert set(order[-3:]) == {14, 15, 16}
-    assert KnnDensity(k=5).select(ctx, [2])[0].tolist() == [0, 7]
+    assert kept_positions(KnnDensity(k=5).select(ctx, [2]))[0].tolist() == [0, 7]
 
 
 def test_knn_scores_only_the_present_tokens_in_their_order():
@@ -203,15 +205,15 @@ def test_knn_needs_vision_features():
 def test_scored_criterion_keeps_the_top_k_as_sorted_positions():
     stub = _Fixed([[0.1, 0.9, 0.3, 0.8, 0.5]])
     ctx = _ctx([torch.arange(5)], [[(1, 5)]])
-    assert stub.select(ctx, [3])[0].tolist() == [1, 3, 4]
-    assert stub.select(ctx, [5])[0].tolist() == [0, 1, 2, 3, 4]
+    assert kept_positions(stub.select(ctx, [3]))[0].tolist() == [1, 3, 4]
+    assert kept_positions(stub.select(ctx, [5]))[0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_ensemble_keeps_the_union_once():
     scores = torch.zeros(16)
     scores[[0, 2, 5]] = 1.0  # 0 and 2 are also on the stride-2 grid {0, 2, 8, 10}
     ctx = _ctx([_full(4, 4)], [[(4, 4)]])
-    (kept,) = Ensemble((_Fixed([scores.tolist()]), Uniform(stride=2))).select(ctx, [3])
+    (kept,) = kept_positions(Ensemble((_Fixed([scores.tolist()]), Uniform(stride=2))).select(ctx, [3]))
     assert kept.tolist() == [0, 2, 5, 8, 10]
 
 
@@ -221,7 +223,8 @@ def test_ensemble_top_up_fills_to_the_sum_of_member_counts_from_the_scored_order
     scores[[7, 13]] = 0.5
     scores[11] = 0.4
     ctx = _ctx([_full(4, 4)], [[(4, 4)]])
-    (kept,) = Ensemble((_Fixed([scores.tolist()]), Uniform(stride=2)), top_up=True).select(ctx, [3])
+    ensemble = Ensemble((_Fixed([scores.tolist()]), Uniform(stride=2)), top_up=True)
+    (kept,) = kept_positions(ensemble.select(ctx, [3]))
     assert kept.numel() == 3 + 4
     assert kept.tolist() == [0, 2, 5, 7, 8, 10, 13]
 

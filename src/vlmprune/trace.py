@@ -5,6 +5,7 @@ Cost accounting, pictures and evaluation read the trace; none of them re-run sel
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +20,9 @@ class StageRecord:
     Attributes:
         layer: 0-based index of the first decoder layer that runs on the reduced set (0 = before the LLM).
         grid: (rows, cols) of the first image's token grid; `image_grids` has every image's.
-        kept: one sorted 1-D LongTensor per sample of indices into that sample's image tokens (raster order
-            of the original grid; with several images, the images' tokens are numbered one after another).
-            Counts may differ between samples. On the model's device: the engine never waits to copy them,
-            so `.tolist()` or `.cpu()` them when reading.
+        kept_ids: (batch, max kept) LongTensor on the model's device: row b holds sample b's kept indices into
+            its image tokens, ascending, then -1. The engine never waits to copy it; `kept` reads it.
+        n_kept: per sample, image tokens kept (counts may differ between samples).
         image_grids: per sample, the (rows, cols) of each of its images, in prompt order.
         n_before: per sample, image tokens present just before this stage.
         scoring_layer: the decoder layer whose queries and keys scored the tokens (None if no LLM score).
@@ -32,15 +32,19 @@ class StageRecord:
 
     layer: int
     grid: tuple[int, int]
-    kept: list[torch.Tensor]
+    kept_ids: torch.Tensor
+    n_kept: list[int]
     image_grids: list[list[tuple[int, int]]]
     n_before: list[int]
     scoring_layer: int | None = None
     seconds: float = 0.0
 
-    @property
-    def n_kept(self) -> list[int]:
-        return [int(k.numel()) for k in self.kept]
+    @functools.cached_property
+    def kept(self) -> list[torch.Tensor]:
+        """Per sample, a sorted 1-D CPU LongTensor of indices into that sample's image tokens (raster order of
+        the original grid; with several images, the images' tokens are numbered one after another)."""
+        host = self.kept_ids.cpu()
+        return [host[b, :n] for b, n in enumerate(self.n_kept)]
 
 
 @dataclass

@@ -45,5 +45,5 @@ class Attention(ScoredCriterion):
         if self.softmax not in ("sequence", "image", "none"):
             raise ValueError(f"softmax must be 'sequence', 'image' or 'none', got {self.softmax!r}")
 
-    def scores(self, ctx: SelectionContext) -> list[torch.Tensor]:
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
         return ctx.attention(self.query, self.softmax, self.rope, self.full_map)

@@ -1,4 +1,10 @@
-"""The criterion interface: what a pruning stage asks to choose image tokens."""
+"""The criterion interface: what a pruning stage asks to choose image tokens.
+
+Selection is batched: the image tokens still present are laid out as (batch, m) slots, left-aligned per sample
+in ascending token order (`SelectionContext.image_ids`, -1 in the padding slots past a sample's count), and a
+criterion answers with a (batch, m) bool keep mask over those slots. Nothing on this path waits for the device:
+budgets and counts are host integers, and scores stay in device tensors.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +15,29 @@ from typing import ClassVar, Literal
 
 import torch
 
-__all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext"]
+__all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext", "keep_top", "kept_positions"]
 
 QueryPolicy = Literal["last", "text_mean"]
 SoftmaxDomain = Literal["sequence", "image", "none"]
-AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool], list[torch.Tensor]]
+AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool], torch.Tensor]
 
 
 @dataclass
 class SelectionContext:
     """Everything a criterion may read to choose among the image tokens still present.
 
-    Per-sample lists, because samples of a batch may hold different numbers of image tokens.
-
     Attributes:
-        image_ids: per sample, (n_b,) ascending LongTensor of the image tokens still present, as indices into
-            the sample's original image tokens (raster order; several images numbered one after another).
+        image_ids: (batch, m) LongTensor: slot j of sample b holds the index, into the sample's original image
+            tokens, of its j-th present image token (ascending; raster order, several images numbered one after
+            another); -1 in padding slots (j >= counts[b]).
+        counts: per sample, present image tokens (host integers).
         image_grids: per sample, (rows, cols) of each image, in prompt order.
         n_original: per sample, image tokens before any pruning.
         stage_index: 0-based index of the stage being run (seeds per-stage randomness).
     """
 
-    image_ids: list[torch.Tensor]
+    image_ids: torch.Tensor
+    counts: list[int]
     image_grids: list[list[tuple[int, int]]]
     n_original: list[int]
     stage_index: int = 0
@@ -38,19 +45,33 @@ class SelectionContext:
     vision_features_fn: Callable[[], list[torch.Tensor]] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def from_lists(cls, image_ids: list[torch.Tensor], **kwargs) -> SelectionContext:
+        """A context from per-sample (n_b,) ascending id tensors (for tests and hand-built inputs)."""
+        counts = [int(ids.numel()) for ids in image_ids]
+        padded = torch.nn.utils.rnn.pad_sequence(list(image_ids), batch_first=True, padding_value=-1)
+        return cls(image_ids=padded.long(), counts=counts, **kwargs)
+
     @property
     def batch_size(self) -> int:
-        return len(self.image_ids)
+        return len(self.counts)
 
-    def attention(
-        self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False
-    ) -> list[torch.Tensor]:
-        """Attention each present image token receives at the stage's scoring layer.
+    @property
+    def present(self) -> torch.Tensor:
+        """(batch, m) bool: which slots hold a present image token."""
+        return self.image_ids >= 0
 
-        Returns per sample a (n_b,) float32 tensor aligned with `image_ids[b]`: the query's attention
-        probabilities (or raw logits with `softmax="none"`), averaged over heads (and over query tokens for
-        `query="text_mean"`). Computed once per policy and shared by every criterion of the stage. With
-        `full_map` the whole attention map is computed first (the cost of eager `output_attentions`).
+    def budgets_tensor(self, budgets: list[int]) -> torch.Tensor:
+        """(batch, 1) LongTensor of `budgets`, on the slots' device (a host-to-device copy, no wait)."""
+        return torch.tensor(budgets, device=self.image_ids.device).unsqueeze(1)
+
+    def attention(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False) -> torch.Tensor:
+        """(batch, m) float32 attention each present image token receives at the stage's scoring layer.
+
+        The query's attention probabilities (or raw logits with `softmax="none"`), averaged over heads (and over
+        query tokens for `query="text_mean"`); 0 in padding slots. Computed once per policy and shared by every
+        criterion of the stage. With `full_map` the whole attention map is computed first (the cost of eager
+        `output_attentions`).
         """
         if self.attention_fn is None:
             raise RuntimeError("this stage has no scoring layer: the criterion needs LLM attention")
@@ -59,14 +80,30 @@ class SelectionContext:
             self._cache[key] = self.attention_fn(query, softmax, rope, full_map)
         return self._cache[key]
 
-    def vision_features(self) -> list[torch.Tensor]:
-        """Per sample, (n_b, channels) vision-encoder features of the present image tokens (before the projector)."""
+    def vision_features(self) -> torch.Tensor:
+        """(batch, m, channels) vision-encoder features of the present image tokens (before the projector).
+
+        Padding slots hold the features of token 0; criteria mask them with `present`.
+        """
         if self.vision_features_fn is None:
             raise RuntimeError("vision features were not captured for this model")
         if "vision" not in self._cache:
-            features = self.vision_features_fn()
-            self._cache["vision"] = [f[ids.to(f.device)] for f, ids in zip(features, self.image_ids, strict=True)]
+            features = torch.nn.utils.rnn.pad_sequence(list(self.vision_features_fn()), batch_first=True)
+            features = features.to(self.image_ids.device)
+            index = self.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+            self._cache["vision"] = torch.gather(features, 1, index)
         return self._cache["vision"]
+
+
+def keep_top(order: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """(batch, m) keep mask of the first `budgets[b]` slots of each row of `order` (slots, best first)."""
+    ranks = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.zeros_like(order, dtype=torch.bool).scatter(1, order, ranks < budgets)
+
+
+def kept_positions(keep: torch.Tensor) -> list[torch.Tensor]:
+    """Per sample, the ascending slots a (batch, m) keep mask keeps (reads the mask: for tests and reports)."""
+    return [torch.nonzero(row).flatten() for row in keep.cpu()]
 
 
 class Criterion(ABC):
@@ -79,12 +116,20 @@ class Criterion(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
-    def select(self, ctx: SelectionContext, budgets: list[int]) -> list[torch.Tensor]:
-        """Per sample, a sorted 1-D LongTensor of positions into `ctx.image_ids[b]` to keep.
+    def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
+        """(batch, m) bool keep mask over `ctx`'s slots; False in padding slots.
 
         `budgets[b]` is the stage's token budget for sample b; criteria that fix their own count (a uniform
         grid with a stride, an ensemble without top-up) may keep a different number.
         """
+
+    def counts(self, ctx: SelectionContext, budgets: list[int]) -> list[int] | None:
+        """Per sample, how many tokens `select` keeps, if known on the host without reading its result.
+
+        None when the count depends on the data (the engine then reads it once per stage). Criteria that keep
+        exactly the budget need not override this.
+        """
+        return list(budgets)
 
     def expected_count(self, budget: int, n_present: int, n_original: int, grids: list[tuple[int, int]]) -> float:
         """Tokens this criterion is expected to keep, without running it (for cost projections).
@@ -93,25 +138,24 @@ class Criterion(ABC):
         """
         return float(budget)
 
-    def ranking(self, ctx: SelectionContext) -> list[torch.Tensor] | None:
-        """Per sample, all positions from most to least worth keeping, or None if the criterion has no order."""
+    def ranking(self, ctx: SelectionContext) -> torch.Tensor | None:
+        """(batch, m) slots from most to least worth keeping (padding last), or None if there is no order."""
         return None
 
 
 class ScoredCriterion(Criterion):
-    """A criterion that scores every present token and keeps the top `budget` of them."""
+    """A criterion that scores every present token and keeps the top `budget` of them.
+
+    Ties go to the earlier token (a stable sort), so a sample keeps the same tokens alone or in any batch.
+    """
 
     @abstractmethod
-    def scores(self, ctx: SelectionContext) -> list[torch.Tensor]:
-        """Per sample, (n_b,) scores aligned with `ctx.image_ids[b]`; higher means more worth keeping."""
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """(batch, m) scores aligned with `ctx.image_ids`; higher means more worth keeping. Padding is ignored."""
 
-    def select(self, ctx: SelectionContext, budgets: list[int]) -> list[torch.Tensor]:
-        return [
-            torch.topk(s, k, sorted=False).indices.sort().values
-            if k < s.numel()
-            else torch.arange(s.numel(), device=s.device)
-            for s, k in zip(self.scores(ctx), budgets, strict=True)
-        ]
+    def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
+        return keep_top(self.ranking(ctx), ctx.budgets_tensor(budgets))
 
-    def ranking(self, ctx: SelectionContext) -> list[torch.Tensor]:
-        return [torch.argsort(s, descending=True, stable=True) for s in self.scores(ctx)]
+    def ranking(self, ctx: SelectionContext) -> torch.Tensor:
+        scores = self.scores(ctx).float().masked_fill(~ctx.present, float("-inf"))
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices

@@ -33,26 +33,29 @@ class Ensemble(Criterion):
     def requires(self) -> frozenset[str]:  # type: ignore[override]
         return frozenset().union(*(m.requires for m in self.members))
 
-    def select(self, ctx: SelectionContext, budgets: list[int]) -> list[torch.Tensor]:
+    def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
         picks = [m.select(ctx, budgets) for m in self.members]
-        kept = [torch.unique(torch.cat(per_sample)) for per_sample in zip(*picks, strict=True)]
+        union = torch.stack(picks).any(dim=0)
         if not self.top_up:
-            return kept
-        ranking = self.ranking(ctx)
-        if ranking is None:
+            return union
+        order = self.ranking(ctx)
+        if order is None:
             raise ValueError("Ensemble(top_up=True) needs a member that ranks tokens (e.g. Attention)")
-        filled = []
-        for b, union in enumerate(kept):
-            target = min(sum(int(p[b].numel()) for p in picks), int(ctx.image_ids[b].numel()))
-            missing = target - union.numel()
-            if missing > 0:
-                taken = torch.zeros(ctx.image_ids[b].numel(), dtype=torch.bool, device=union.device)
-                taken[union] = True
-                order = ranking[b].to(union.device)
-                extra = order[~taken[order]][:missing]
-                union = torch.cat([union, extra]).sort().values
-            filled.append(union)
-        return filled
+        counts = torch.tensor(ctx.counts, device=union.device)
+        target = torch.minimum(sum(p.sum(dim=1) for p in picks), counts)  # (batch,)
+        missing = (target - union.sum(dim=1)).unsqueeze(1)
+        # Walk the ranking: the first `missing` present tokens not yet kept are added.
+        free = ~torch.gather(union, 1, order) & torch.gather(ctx.present, 1, order)
+        added = free & (free.long().cumsum(dim=1) <= missing)
+        return union | torch.zeros_like(union).scatter(1, order, added)
+
+    def counts(self, ctx: SelectionContext, budgets: list[int]) -> list[int] | None:
+        if not self.top_up:
+            return None  # the union's size depends on how the members' picks overlap
+        member_counts = [m.counts(ctx, budgets) for m in self.members]
+        if any(c is None for c in member_counts):
+            return None
+        return [min(sum(per_member), n) for *per_member, n in zip(*member_counts, ctx.counts, strict=True)]
 
     def expected_count(self, budget: int, n_present: int, n_original: int, grids: list[tuple[int, int]]) -> float:
         """The members' counts if filled up; otherwise the union's size with the members' picks independent.
@@ -67,5 +70,5 @@ class Ensemble(Criterion):
             missed *= 1.0 - count / n_present
         return n_present * (1.0 - missed)
 
-    def ranking(self, ctx: SelectionContext) -> list[torch.Tensor] | None:
+    def ranking(self, ctx: SelectionContext) -> torch.Tensor | None:
         return next((r for r in (m.ranking(ctx) for m in self.members) if r is not None), None)

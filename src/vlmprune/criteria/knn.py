@@ -43,24 +43,30 @@ class KnnDensity(ScoredCriterion):
         if self.delta_fallback not in ("global", "row"):
             raise ValueError(f"delta_fallback must be 'global' or 'row', got {self.delta_fallback!r}")
 
-    def scores(self, ctx: SelectionContext) -> list[torch.Tensor]:
-        return [self._score(x) for x in ctx.vision_features()]
-
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, C) features -> (n,) float32 scores ρ·δ."""
-        n, channels = x.shape
-        if n == 0:
-            return x.new_zeros(0, dtype=torch.float32)
-        x = x.float()
-        d = torch.cdist(x, x) / math.sqrt(channels)
-        nearest = torch.topk(d, min(self.k, n), dim=-1, largest=False).values
-        density = torch.exp(-(nearest**2).mean(dim=-1))
-        index = torch.arange(n, device=x.device)
-        # denser[i, j]: token j is denser than token i, ties going to the lower index.
-        denser = (density[None, :] > density[:, None]) | (
-            (density[None, :] == density[:, None]) & (index[None, :] < index[:, None])
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        """(batch, m) float32 scores ρ·δ of the present tokens, each sample among its own present tokens only."""
+        x = ctx.vision_features().float()  # (batch, m, C)
+        batch, m, channels = x.shape
+        if m == 0:
+            return x.new_zeros(batch, 0)
+        present = ctx.present
+        d = torch.cdist(x, x) / math.sqrt(channels)  # (batch, m, m)
+        # With fewer than k present tokens the padding columns come last as +inf and are not counted.
+        nearest = torch.topk(d.masked_fill(~present[:, None, :], float("inf")), min(self.k, m), dim=-1, largest=False)
+        counted = torch.isfinite(nearest.values)
+        squared = torch.where(counted, nearest.values, 0.0) ** 2
+        density = torch.exp(-squared.sum(dim=-1) / counted.sum(dim=-1).clamp(min=1))
+        index = torch.arange(m, device=x.device)
+        # denser[b, i, j]: present token j is denser than token i, ties going to the lower index.
+        denser = (density[:, None, :] > density[:, :, None]) | (
+            (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])
         )
+        denser &= present[:, None, :]
         # Every d_ij is at most the fallback, so it only wins for the densest token.
-        fallback = d.max() if self.delta_fallback == "global" else d.max(dim=-1, keepdim=True).values
+        real = d.masked_fill(~present[:, None, :], float("-inf"))
+        if self.delta_fallback == "global":
+            fallback = real.masked_fill(~present[:, :, None], float("-inf")).amax(dim=(1, 2))[:, None, None]
+        else:
+            fallback = real.amax(dim=-1, keepdim=True)
         delta = torch.where(denser, d, fallback).min(dim=-1).values
         return density * delta

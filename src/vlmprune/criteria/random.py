@@ -21,14 +21,17 @@ class RandomScore(ScoredCriterion):
     depends only on the seed, the stage and its own tokens, never on its place in the batch or on the other
     samples (a padded batch picks what each sample picks alone), and stages draw differently.
 
-    Returns per sample (n_b,) float32 scores on the device of `ctx.image_ids[b]`.
+    Returns (batch, m) float32 scores on the device of `ctx.image_ids`.
     """
 
     seed: int = 0
 
-    def scores(self, ctx: SelectionContext) -> list[torch.Tensor]:
-        out = []
-        for ids, n in zip(ctx.image_ids, ctx.n_original, strict=True):
-            generator = torch.Generator().manual_seed(self.seed * 1000003 + ctx.stage_index)
-            out.append(torch.rand(n, generator=generator)[ids.cpu()].to(ids.device))
-        return out
+    def scores(self, ctx: SelectionContext) -> torch.Tensor:
+        draws = {n: self._draw(n, ctx.stage_index) for n in set(ctx.n_original)}  # one draw per image-token count
+        table = torch.nn.utils.rnn.pad_sequence([draws[n] for n in ctx.n_original], batch_first=True)
+        table = table.to(ctx.image_ids.device)  # a host-to-device copy: nothing waits
+        return torch.gather(table, 1, ctx.image_ids.clamp(min=0))
+
+    def _draw(self, n: int, stage_index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1000003 + stage_index)
+        return torch.rand(n, generator=generator)

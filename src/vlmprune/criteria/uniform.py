@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,32 +45,54 @@ class Uniform(Criterion):
         cells = sum(-(-rows // self.stride) * -(-cols // self.stride) for rows, cols in grids)
         return cells * n_present / n_original
 
-    def select(self, ctx: SelectionContext, budgets: list[int]) -> list[torch.Tensor]:
-        return [self._select_sample(ctx, b, budgets[b]) for b in range(ctx.batch_size)]
+    def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
+        for b, grids in enumerate(ctx.image_grids):
+            total = sum(rows * cols for rows, cols in grids)
+            if total != ctx.n_original[b]:
+                raise ValueError(
+                    f"sample {b}: image grids {grids} hold {total} tokens but the sample had "
+                    f"{ctx.n_original[b]} image tokens; a uniform grid needs every image token on a grid"
+                )
+        if self.stride is None:
+            return self._select_budget(ctx, budgets)
+        tables = [_on_grid(tuple(grids), self.stride) for grids in ctx.image_grids]
+        table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(ctx.image_ids.device)
+        return torch.gather(table, 1, ctx.image_ids.clamp(min=0)) & ctx.present
 
-    def _select_sample(self, ctx: SelectionContext, b: int, budget: int) -> torch.Tensor:
-        ids, grids = ctx.image_ids[b], ctx.image_grids[b]
-        total = sum(rows * cols for rows, cols in grids)
-        if total != ctx.n_original[b]:
-            raise ValueError(
-                f"sample {b}: image grids {grids} hold {total} tokens but the sample had "
-                f"{ctx.n_original[b]} image tokens; a uniform grid needs every image token on a grid"
-            )
-        present = torch.zeros(total, dtype=torch.bool, device=ids.device)
-        present[ids] = True
-        offsets = [sum(r * c for r, c in grids[:i]) for i in range(len(grids))]
-        images = list(zip(offsets, grids, strict=True))
-        if self.stride is not None:
-            parts = [off + _grid(r, c, self.stride, ids.device) for off, (r, c) in images]
-            parts = [cells[present[cells]] for cells in parts]
-        else:
-            if budget > ids.numel():
-                raise BudgetError(f"sample {b}: budget {budget} exceeds the {ids.numel()} image tokens left")
+    def counts(self, ctx: SelectionContext, budgets: list[int]) -> list[int] | None:
+        if self.stride is None:
+            return list(budgets)
+        if ctx.counts == ctx.n_original:  # nothing pruned yet: every grid cell is present
+            return [sum(-(-rows // self.stride) * -(-cols // self.stride) for rows, cols in g) for g in ctx.image_grids]
+        return None  # the grid cells still present depend on earlier stages' choices
+
+    def _select_budget(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
+        """`stride=None`, one sample at a time (an ablation, not a hot path: it reads counts from the device)."""
+        keep = torch.zeros_like(ctx.image_ids, dtype=torch.bool)
+        for b, (count, budget) in enumerate(zip(ctx.counts, budgets, strict=True)):
+            ids, grids = ctx.image_ids[b, :count], ctx.image_grids[b]
+            if budget > count:
+                raise BudgetError(f"sample {b}: budget {budget} exceeds the {count} image tokens left")
+            present = torch.zeros(ctx.n_original[b], dtype=torch.bool, device=ids.device)
+            present[ids] = True
+            offsets = [sum(r * c for r, c in grids[:i]) for i in range(len(grids))]
+            images = list(zip(offsets, grids, strict=True))
             masks = [present[off : off + r * c].view(r, c) for off, (r, c) in images]
             shares = _largest_remainder(budget, [int(m.sum()) for m in masks])
             parts = [off + _spread(m, k) for (off, _), m, k in zip(images, masks, shares, strict=True)]
-        chosen = torch.cat([ids[:0], *parts])
-        return torch.searchsorted(ids, chosen).sort().values
+            keep[b, torch.searchsorted(ids, torch.cat([ids[:0], *parts]))] = True
+        return keep
+
+
+@functools.lru_cache(maxsize=64)
+def _on_grid(grids: tuple[tuple[int, int], ...], stride: int) -> torch.Tensor:
+    """(sum of rows·cols,) bool over a sample's original image tokens: each image's `[::stride, ::stride]` cells."""
+    on = torch.zeros(sum(rows * cols for rows, cols in grids), dtype=torch.bool)
+    offset = 0
+    for rows, cols in grids:
+        on[offset + _grid(rows, cols, stride, on.device)] = True
+        offset += rows * cols
+    return on
 
 
 def _grid(rows: int, cols: int, stride: int, device: torch.device) -> torch.Tensor:

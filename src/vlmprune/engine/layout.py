@@ -10,7 +10,7 @@ from transformers import masking_utils
 
 from vlmprune.errors import VlmpruneError
 
-__all__ = ["Layout", "attention_mask_for", "gather_rows"]
+__all__ = ["Layout", "attention_mask_for", "compact", "gather_rows"]
 
 
 @dataclass
@@ -48,24 +48,24 @@ class Layout:
         """Whether some row is padding (known on the host)."""
         return min(self.n_real) < self.valid.shape[1]
 
-    def image_columns(self) -> list[torch.Tensor]:
-        """Per sample, the rows holding image tokens, ascending."""
-        return _columns(self.image_id >= 0, self.n_image)
+    def image_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, m) rows holding each sample's image tokens, ascending and left-aligned, and their validity.
 
-    def text_columns(self) -> list[torch.Tensor]:
-        """Per sample, the real rows that are not image tokens, ascending."""
-        return _columns(
-            self.valid & (self.image_id < 0), [r - i for r, i in zip(self.n_real, self.n_image, strict=True)]
-        )
+        m is the largest image-token count; slots past a sample's count hold row 0 and are invalid.
+        """
+        return compact(self.image_id >= 0, self.n_image)
 
 
-def _columns(mask: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    """Per sample b, the `counts[b]` columns where `mask` (batch, n) is True, ascending, without a host sync.
+def compact(mask: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, max(counts)) columns where `mask` (batch, n) is True, ascending, left-aligned, and their validity.
 
-    A stable descending sort puts each row's True columns first, in order; `counts` says how many there are.
+    `counts[b]` is the number of True in row b, known on the host, so nothing waits for the device: a stable
+    descending sort brings each row's True columns first, in order. Slots past a row's count hold column 0.
     """
-    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    return [order[b, :count] for b, count in enumerate(counts)]
+    width = max(counts, default=0)
+    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device) < torch.tensor(counts, device=mask.device)[:, None]
+    return order.masked_fill(~valid, 0), valid
 
 
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -7,7 +7,7 @@ from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.criteria.base import QueryPolicy, SoftmaxDomain
-from vlmprune.engine.layout import Layout, gather_rows
+from vlmprune.engine.layout import Layout, compact, gather_rows
 
 __all__ = ["AttentionProbe"]
 
@@ -38,25 +38,24 @@ class AttentionProbe:
         self.layout = layout
         self.position_embeddings = position_embeddings
 
-    def __call__(
-        self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False
-    ) -> list[torch.Tensor]:
-        """Per sample, (n_image_b,) float32 attention received by each image row, in row order.
+    def __call__(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False) -> torch.Tensor:
+        """(batch, m) float32 attention received by each image row, in the layout's image slots; 0 in padding.
 
         `full_map=True` computes the whole (heads, seq, seq) map and reads the query rows from it, the cost of
         eager attention with `output_attentions` (original FastV); the scores are the same.
         """
         layout, device = self.layout, self.hidden.device
-        image_cols = layout.image_columns()
-        query_cols, query_valid = self._query_rows(query, image_cols)
+        image_cols, image_valid = layout.image_slots()
+        query_cols, query_valid = self._query_rows(query, image_cols, image_valid)
         if full_map:
-            return self._from_full_map(query_cols, query_valid, image_cols, softmax, rope)
+            picked = self._from_full_map(query_cols, query_valid, softmax, rope)
+            return torch.gather(picked, 1, image_cols).masked_fill(~image_valid, 0.0)
         if softmax == "sequence":
             n = layout.valid.shape[1]
             key_cols = torch.arange(n, device=device).expand(len(image_cols), n)
             key_valid = layout.valid
         else:
-            key_cols, key_valid = _pad(image_cols, device)
+            key_cols, key_valid = image_cols, image_valid
 
         q = self._project("q", query_cols, rope)  # (batch, heads, queries, head_dim)
         k = self._project("k", key_cols, rope)  # (batch, heads, keys, head_dim)
@@ -71,20 +70,15 @@ class AttentionProbe:
         weights = torch.where(query_valid[..., None], weights, 0.0).sum(dim=1)
         weights = weights / query_valid.sum(dim=1, keepdim=True)
         if softmax == "sequence":
-            padded_image_cols, _ = _pad(image_cols, device)
-            weights = torch.gather(weights, 1, padded_image_cols)
-        return [weights[b, : cols.numel()] for b, cols in enumerate(image_cols)]
+            weights = torch.gather(weights, 1, image_cols)
+        return weights.masked_fill(~image_valid, 0.0)
 
     def _from_full_map(
-        self,
-        query_cols: torch.Tensor,
-        query_valid: torch.Tensor,
-        image_cols: list[torch.Tensor],
-        softmax: SoftmaxDomain,
-        rope: bool,
-    ) -> list[torch.Tensor]:
+        self, query_cols: torch.Tensor, query_valid: torch.Tensor, softmax: SoftmaxDomain, rope: bool
+    ) -> torch.Tensor:
+        """(batch, seq) attention each row receives from the query rows, read off the whole attention map."""
         n = self.layout.valid.shape[1]
-        rows = torch.arange(n, device=self.hidden.device).expand(len(image_cols), n)
+        rows = torch.arange(n, device=self.hidden.device).expand(len(query_cols), n)
         q, k = self._project("q", rows, rope), self._project("k", rows, rope)
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.scaling(self.layer)
         allowed = self.layout.valid[:, None, :] & (rows[:, None, :] <= rows[:, :, None])  # (batch, seq, seq)
@@ -96,36 +90,28 @@ class AttentionProbe:
             weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
         weights = weights.mean(dim=1).nan_to_num(0.0)  # (batch, seq, seq); padding rows see nothing
         picked = torch.gather(weights, 1, query_cols[:, :, None].expand(-1, -1, n))  # (batch, queries, seq)
-        picked = torch.where(query_valid[..., None], picked, 0.0).sum(dim=1) / query_valid.sum(dim=1, keepdim=True)
-        return [picked[b, cols] for b, cols in enumerate(image_cols)]
+        return torch.where(query_valid[..., None], picked, 0.0).sum(dim=1) / query_valid.sum(dim=1, keepdim=True)
 
-    def _query_rows(self, query: QueryPolicy, image_cols: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, queries) query rows and their validity."""
+    def _query_rows(
+        self, query: QueryPolicy, image_cols: torch.Tensor, image_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch, queries) query rows and their validity.
+
+        "last" needs nothing from the host. "text_mean" reads how many text rows follow each sample's last image
+        token, once per stage (an option, not the papers' default).
+        """
         layout = self.layout
         n = layout.valid.shape[1]
         cols = torch.arange(n, device=layout.valid.device)
         last = torch.where(layout.valid, cols, -1).max(dim=1).values
         if query == "last":
             return last[:, None], torch.ones_like(last[:, None], dtype=torch.bool)
-        rows = []
-        for b, image in enumerate(image_cols):
-            after = image.max() if image.numel() else -1
-            text = torch.nonzero(layout.valid[b] & (layout.image_id[b] < 0) & (cols > after)).flatten()
-            rows.append(text if text.numel() else last[b : b + 1])
-        return _pad(rows, layout.valid.device)
+        after = torch.where(image_valid, image_cols, -1).max(dim=1, keepdim=True).values
+        text = layout.valid & (layout.image_id < 0) & (cols > after)
+        text |= ~text.any(dim=1, keepdim=True) & (cols == last[:, None])  # no text after the image: the last row
+        return compact(text, text.sum(dim=1).tolist())
 
     def _project(self, which: str, cols: torch.Tensor, rope: bool) -> torch.Tensor:
         x = self.adapter.normed_input(self.layer, gather_rows(self.hidden, cols))
         pe = tuple(gather_rows(t, cols) for t in self.position_embeddings) if rope else None
         return self.adapter.project(self.layer, x, which, pe)
-
-
-def _pad(rows: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads per-sample index lists into (batch, max) indices (pad 0) and a validity mask."""
-    width = max(1, max(r.numel() for r in rows))
-    index = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-    for b, r in enumerate(rows):
-        index[b, : r.numel()] = r
-        valid[b, : r.numel()] = True
-    return index, valid

@@ -20,7 +20,7 @@ from vlmprune.engine.compat import (
     find_cache,
     transformers_version,
 )
-from vlmprune.engine.layout import Layout, attention_mask_for, gather_rows
+from vlmprune.engine.layout import Layout, attention_mask_for, compact, gather_rows
 from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
 from vlmprune.methods.base import Method
@@ -259,40 +259,46 @@ class PruningSession:
         self._vision_features = None
 
     def _apply_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout."""
+        """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout.
+
+        One batched selection over (batch, m) image slots; the kept counts are host integers (read from the
+        device once, only for a criterion whose count depends on the data).
+        """
         run, stage = self._run, self.stages[s]
         layout = run.current
         self._wait(hidden)
         started = time.perf_counter()
-        image_cols = layout.image_columns()
-        image_ids = [layout.image_id[b, cols] for b, cols in enumerate(image_cols)]
-        budgets = [stage.budget.resolve(n, ids.numel()) for n, ids in zip(run.n_image, image_ids, strict=True)]
+        image_cols, present = layout.image_slots()  # (batch, m)
+        image_ids = torch.gather(layout.image_id, 1, image_cols).masked_fill(~present, -1)
+        budgets = [stage.budget.resolve(n, c) for n, c in zip(run.n_image, layout.n_image, strict=True)]
         ctx = SelectionContext(
             image_ids=image_ids,
+            counts=list(layout.n_image),
             image_grids=run.image_grids,
             n_original=run.n_image,
             stage_index=s,
             attention_fn=run.probes.pop(s, None),
             vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
         )
-        picks = stage.criterion.select(ctx, budgets)
-        rows = [
-            torch.cat([text, cols[pick.to(cols.device)]]).sort().values
-            for text, cols, pick in zip(layout.text_columns(), image_cols, picks, strict=True)
-        ]
-        n_image = [int(pick.numel()) for pick in picks]
-        new, index = self._reduced_layout(layout, rows, n_image, stage, hidden)
+        keep = stage.criterion.select(ctx, budgets) & present
+        n_kept = stage.criterion.counts(ctx, budgets)
+        if n_kept is None:
+            n_kept = keep.sum(dim=1).tolist()
+        new, index = self._reduced_layout(layout, image_cols, keep, n_kept, stage, hidden)
         run.layouts.append(new)
         kept_hidden = gather_rows(hidden, index)
+        kept_slots, kept_valid = compact(keep, n_kept)
+        kept_ids = torch.gather(image_ids, 1, kept_slots).masked_fill(~kept_valid, -1)
         self._wait(kept_hidden)
         seconds = time.perf_counter() - started
         self.trace.stages.append(
             StageRecord(
                 layer=stage.layer,
                 grid=run.image_grids[0][0],
-                kept=[ids[pick.to(ids.device)].sort().values for ids, pick in zip(image_ids, picks, strict=True)],
+                kept_ids=kept_ids,
+                n_kept=n_kept,
                 image_grids=run.image_grids,
-                n_before=[int(ids.numel()) for ids in image_ids],
+                n_before=list(layout.n_image),
                 scoring_layer=stage.scoring_layer if stage.needs_attention else None,
                 seconds=seconds,
             )
@@ -304,20 +310,33 @@ class PruningSession:
             torch.cuda.synchronize(tensor.device)
 
     def _reduced_layout(
-        self, layout: Layout, rows: list[torch.Tensor], n_image: list[int], stage: Stage, hidden: torch.Tensor
+        self,
+        layout: Layout,
+        image_cols: torch.Tensor,
+        keep: torch.Tensor,
+        n_kept: list[int],
+        stage: Stage,
+        hidden: torch.Tensor,
     ) -> tuple[Layout, torch.Tensor]:
-        """The layout holding `rows` (real rows only) of `layout` per sample, left-padded, and its row index.
+        """The layout of `layout`'s text rows and kept image rows, left-padded, and its (batch, width) row index.
 
-        `n_image[b]` of sample b's rows are image tokens. Returns the layout and the (batch, width) index.
+        `image_cols` and `keep` (batch, m) are the image slots' rows and which are kept, `n_kept` their counts.
         """
         run, device = self._run, layout.valid.device
-        n_real = [int(r.numel()) for r in rows]
-        batch, width = len(rows), max(n_real)
-        index = torch.zeros(batch, width, dtype=torch.long, device=device)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
-        for b, r in enumerate(rows):
-            index[b, width - n_real[b] :] = r
-            valid[b, width - n_real[b] :] = True
+        batch, n = layout.valid.shape
+        # Image rows to keep, scattered back onto the rows; padding slots go to a spare column that is dropped.
+        spare = image_cols.masked_fill(~keep, n)
+        kept_rows = torch.zeros(batch, n + 1, dtype=torch.bool, device=device).scatter(1, spare, True)[:, :n]
+        kept_rows |= layout.valid & (layout.image_id < 0)  # every text row stays
+        n_real = [real - image + kept for real, image, kept in zip(layout.n_real, layout.n_image, n_kept, strict=True)]
+        width = max(n_real)
+        # Row r of sample b goes to column (its rank among the kept rows) + (the sample's left padding).
+        pad = width - torch.tensor(n_real, device=device)[:, None]
+        destination = torch.where(kept_rows, kept_rows.long().cumsum(dim=1) - 1 + pad, width)
+        rows = torch.arange(n, device=device).expand(batch, n)
+        index = torch.zeros(batch, width + 1, dtype=torch.long, device=device).scatter(1, destination, rows)
+        index = index[:, :width]
+        valid = torch.arange(width, device=device)[None, :] >= pad
         source = torch.where(valid, torch.gather(layout.source, 1, index), -1)
         image_id = torch.where(valid, torch.gather(layout.image_id, 1, index), -1)
         original = run.layouts[0]
@@ -338,7 +357,7 @@ class PruningSession:
             position_ids=position_ids,
             position_embeddings=position_embeddings,
             n_real=n_real,
-            n_image=n_image,
+            n_image=list(n_kept),
             mask=attention_mask_for(config, valid, width, hidden.dtype, padded=min(n_real) < width),
             decode_shift=shift,
         )
