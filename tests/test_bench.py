@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import vlmprune
 from vlmprune.bench import Variant, run_benchmark
 from vlmprune.cli.main import main
@@ -60,9 +62,16 @@ def test_bench_command_writes_json_and_markdown(tmp_path, capsys):
     assert code == 0
     data = json.loads((out / "bench.json").read_text())
     labels = [(r["label"], r["batch"]) for r in data["results"]]
-    assert labels == [
-        (label, b) for b in (1, 2) for label in ("unpruned", "fastv", "fastv-original (eager, full map)", "feather")
-    ]
+    variants = (
+        "unpruned",
+        "keep-all at layer 2 (engine overhead)",
+        "fastv",
+        "fastv-original (eager, full map)",
+        "feather",
+    )
+    assert labels == [(label, b) for b in (1, 2) for label in variants]
+    overhead = next(r for r in data["results"] if r["label"].startswith("keep-all"))
+    assert overhead["ideal_speedup"] == pytest.approx(1.0) and overhead["token_layer_ratio"] == pytest.approx(1.0)
     assert "| feather | 2 |" in (out / "bench.md").read_text()
     assert "prefill speed-up" in capsys.readouterr().out
 

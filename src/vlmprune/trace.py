@@ -6,11 +6,42 @@ Cost accounting, pictures and evaluation read the trace; none of them re-run sel
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["StageRecord", "Trace"]
+__all__ = ["StageRecord", "StageTimer", "Trace"]
+
+
+class StageTimer:
+    """Times a stretch of a forward pass without making the host wait for the device.
+
+    On a CUDA device two timing events are queued in the stream and read only when `seconds` is asked for
+    (after the forward); elsewhere the host clock is read at `start` and `stop`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._started = time.perf_counter()
+        self._seconds = 0.0
+
+    def stop(self) -> StageTimer:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._seconds = time.perf_counter() - self._started
+        return self
+
+    @property
+    def seconds(self) -> float:
+        if self._events is not None:
+            self._events[1].synchronize()
+            return self._events[0].elapsed_time(self._events[1]) / 1000.0
+        return self._seconds
 
 
 @dataclass
@@ -26,8 +57,7 @@ class StageRecord:
         image_grids: per sample, the (rows, cols) of each of its images, in prompt order.
         n_before: per sample, image tokens present just before this stage.
         scoring_layer: the decoder layer whose queries and keys scored the tokens (None if no LLM score).
-        seconds: wall-clock time spent scoring, choosing and gathering the kept rows (synchronised with the GPU
-            only under `prune(..., synchronize=True)`).
+        timer: when the stage started and ended, on the device's own clock (`seconds` reads it).
     """
 
     layer: int
@@ -37,7 +67,12 @@ class StageRecord:
     image_grids: list[list[tuple[int, int]]]
     n_before: list[int]
     scoring_layer: int | None = None
-    seconds: float = 0.0
+    timer: StageTimer | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def seconds(self) -> float:
+        """Time spent scoring, choosing and gathering the kept rows (0.0 if not timed)."""
+        return self.timer.seconds if self.timer is not None else 0.0
 
     @functools.cached_property
     def kept(self) -> list[torch.Tensor]:

@@ -104,7 +104,7 @@ def run_benchmark(
                 model.set_attn_implementation(variant.attn or default_attn)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                scope = prune(model, variant.method, synchronize=True) if variant.method else nullcontext()
+                scope = prune(model, variant.method) if variant.method else nullcontext()
                 with scope as trace:
                     prefill_s, out = _timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
                     scoring_s = sum(stage.seconds for stage in trace.stages) if trace is not None else 0.0

@@ -27,7 +27,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured prefill "
             "speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
             "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the "
-            "scoring layer) is timed beside vlmprune's FastV on the same selection."
+            "scoring layer) is timed beside vlmprune's FastV on the same selection, and FastV keeping every token "
+            "at the first method's first layer shows the engine's own overhead. Stages are timed with CUDA events, "
+            "so nothing waits for the GPU inside a timed prefill."
         ),
     )
     parser.add_argument("--shape", default="llava-cpu-mid", help=f"model shape ({', '.join(SHAPES)})")
@@ -57,6 +59,10 @@ def _variants(args: argparse.Namespace) -> list:
     variants = [Variant("unpruned", None)]
     for name in names:
         method = build_method(name, **per_method.get(name, {}))
+        if len(variants) == 1:  # the engine's own cost: hooks, scoring and gathering, with every token kept
+            layer = method.stages()[0].layer
+            keep_all = build_method("fastv", layer=layer, ratio=0.0)
+            variants.append(Variant(f"keep-all at layer {layer} (engine overhead)", keep_all))
         variants.append(Variant(name, method))
         if name == "fastv" and not args.no_original_fastv:
             original = build_method(name, **(per_method.get(name, {}) | {"full_map": True}))

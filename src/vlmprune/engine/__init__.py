@@ -16,18 +16,18 @@ __all__ = ["PruningSession", "prune"]
 
 
 @contextmanager
-def prune(model: nn.Module, method: Method, *, synchronize: bool = False) -> Iterator[Trace]:
+def prune(model: nn.Module, method: Method) -> Iterator[Trace]:
     """Prunes image tokens with `method` in every forward pass of `model` inside the block.
 
     Yields the `Trace` of the last prefill. Every hook is removed on exit, also when the block raises, so the
-    model is exactly as before outside the block. `synchronize=True` waits for the GPU around each stage's
-    selection so that `StageRecord.seconds` is its true time (benchmarks); it costs a little speed.
+    model is exactly as before outside the block. Each stage is timed on the device's own clock (CUDA events),
+    so nothing waits for the GPU; `StageRecord.seconds` reads the time when asked.
 
     Raises:
         UnsupportedModelError: `model`'s family has no adapter (the message lists the supported ones).
         LayerError: a stage's layer is beyond the language model's depth.
     """
-    session = PruningSession(model, method, get_adapter(model), synchronize=synchronize)
+    session = PruningSession(model, method, get_adapter(model))
     session.install()
     try:
         yield session.trace

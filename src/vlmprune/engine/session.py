@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
 from vlmprune.methods.base import Method
 from vlmprune.stage import Stage
-from vlmprune.trace import StageRecord, Trace
+from vlmprune.trace import StageRecord, StageTimer, Trace
 
 __all__ = ["PruningSession"]
 
@@ -63,9 +62,8 @@ class PruningSession:
     mask over their own (pruned) cache and, with renumbered positions, shifted positions.
     """
 
-    def __init__(self, model: nn.Module, method: Method, adapter: ModelAdapter, synchronize: bool = False) -> None:
+    def __init__(self, model: nn.Module, method: Method, adapter: ModelAdapter) -> None:
         self.model = model
-        self.synchronize = synchronize
         self.method = method
         self.adapter = adapter
         self.stages: list[Stage] = method.stages()
@@ -266,8 +264,7 @@ class PruningSession:
         """
         run, stage = self._run, self.stages[s]
         layout = run.current
-        self._wait(hidden)
-        started = time.perf_counter()
+        timer = StageTimer(hidden.device)
         image_cols, present = layout.image_slots()  # (batch, m)
         image_ids = torch.gather(layout.image_id, 1, image_cols).masked_fill(~present, -1)
         budgets = [stage.budget.resolve(n, c) for n, c in zip(run.n_image, layout.n_image, strict=True)]
@@ -289,8 +286,7 @@ class PruningSession:
         kept_hidden = gather_rows(hidden, index)
         kept_slots, kept_valid = compact(keep, n_kept)
         kept_ids = torch.gather(image_ids, 1, kept_slots).masked_fill(~kept_valid, -1)
-        self._wait(kept_hidden)
-        seconds = time.perf_counter() - started
+        timer.stop()
         self.trace.stages.append(
             StageRecord(
                 layer=stage.layer,
@@ -300,14 +296,10 @@ class PruningSession:
                 image_grids=run.image_grids,
                 n_before=list(layout.n_image),
                 scoring_layer=stage.scoring_layer if stage.needs_attention else None,
-                seconds=seconds,
+                timer=timer,
             )
         )
         return kept_hidden
-
-    def _wait(self, tensor: torch.Tensor) -> None:
-        if self.synchronize and tensor.is_cuda:
-            torch.cuda.synchronize(tensor.device)
 
     def _reduced_layout(
         self,
