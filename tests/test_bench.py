@@ -85,3 +85,12 @@ def test_bench_command_rejects_bad_input(capsys):
     assert "METHOD.KEY=VALUE" in capsys.readouterr().err
     assert main(["bench", "--shape", "llava-tiny", "--methods", "fastvv"]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--batch", "0"], "--batch sizes must be >= 1"), (["--repeats", "0"], "must be >= 1, got 0")],
+)
+def test_bench_refuses_empty_runs(args, message, capsys):
+    assert main(["bench", "--shape", "llava-tiny", *args]) == 2
+    assert message in capsys.readouterr().err

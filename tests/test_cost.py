@@ -137,3 +137,20 @@ def test_flops_command_reports_bad_input_in_one_line(capsys):
     assert "has 32 layers" in capsys.readouterr().err
     assert main(["flops", "--model", "llava-1.5-7b", "--schedule", "576@0,oops"]) == 2
     assert "COUNT@LAYER" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--schedule", "1000@0"], "starts with 1000 image tokens, but the prompt has 576"),
+        (["--schedule", "576@0,600@8"], "pruning only removes tokens: 600@8 follows 576"),
+        (["--schedule", "576@0,-3@8"], "cannot be negative"),
+        (["--schedule", "576@0,288@8,100@8"], "names each layer once"),
+        (["--method", "fastv", "--text-tokens", "-5"], "--text-tokens cannot be negative"),
+        (["--method", "fastv", "--image-tokens", "0"], "--image-tokens must be >= 1"),
+    ],
+)
+def test_flops_refuses_impossible_schedules_in_one_line(args, message, capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -134,3 +134,19 @@ def test_hooks_are_removed_after_the_block_and_after_an_exception(models, make_i
             raise RuntimeError("boom")
         assert hook_count(model) == before
         torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)
+
+
+def test_nested_prune_on_one_model_is_a_clear_error_and_leaves_the_outer_block_working(models, make_inputs):
+    model = models["sdpa"]
+    inputs = make_inputs(["where is the cat"])
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("fastv")) as trace:
+        with (
+            pytest.raises(vlmprune.VlmpruneError, match="already active on this model"),
+            vlmprune.prune(model, vlmprune.build_method("pdrop", layers=(2, 4))),
+        ):
+            pass
+        model(**inputs)
+        assert len(trace.stages) == 1  # the outer method still runs, alone
+    assert hook_count(model) == 0
+    with vlmprune.prune(model, vlmprune.build_method("fastv")):  # and a new block may start afterwards
+        pass

@@ -223,3 +223,21 @@ def test_pixel_answers_are_normalized_by_the_resized_frame_of_qwen_inputs():
     assert _normalize_pixels((42, 28, 210, 140), processor, inputs, 0) == pytest.approx((0.1, 0.1, 0.5, 0.5))
     assert _normalize_pixels((0, 0, 500, 10), processor, inputs, 0) is None  # outside the image
     assert _normalize_pixels((0, 0, 5, 5), processor, {}, 0) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("1" * 100_000, None),  # a model repeating a digit: once a catastrophic backtrack
+        ("[" * 50_000, None),
+        ("(" + "0.5, " * 20_000, (0.5, 0.5, 0.5, 0.5)),
+        ("0.1 " * 20_000 + "]", (0.1, 0.1, 0.1, 0.1)),
+        ("[0.1, 0.2, 0.3, 0.4" + " " * 50_000 + "]", (0.1, 0.2, 0.3, 0.4)),
+        ("٣" * 10_000, None),  # unicode digits: one huge number, not a box
+        ("[0.1, 0.2, 0.3, 0.4]" + "9" * 50_000, (0.1, 0.2, 0.3, 0.4)),
+    ],
+)
+def test_degenerate_answers_parse_in_one_pass(answer, expected):
+    """Numbers are scanned once and separators checked as strings: no input makes the parser backtrack."""
+    result = parse_normalized_box(answer)
+    assert result == (None if expected is None else pytest.approx(expected))

@@ -7,6 +7,7 @@ __all__ = [
     "LayerError",
     "MissingExtraError",
     "NoImageTokensError",
+    "ParameterError",
     "UnknownMethodError",
     "UnsupportedModelError",
     "VlmpruneError",
@@ -19,6 +20,10 @@ class VlmpruneError(ValueError):
 
 class UnknownMethodError(VlmpruneError):
     """A method name or a method parameter that does not exist."""
+
+
+class ParameterError(VlmpruneError):
+    """A method parameter given a value it cannot take (wrong type, out of range, not one of its choices)."""
 
 
 class UnsupportedModelError(VlmpruneError):

@@ -18,8 +18,10 @@ __all__ = [
     "load_model",
     "load_task_samples",
     "method_or_none",
+    "non_negative_int",
     "parse_method_params",
     "parse_params",
+    "positive_int",
 ]
 
 
@@ -44,6 +46,26 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             params[key] = raw.strip()
     return params
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer of at least 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
 
 
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +96,7 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
         help="a root holding each task's folder, or TASK=PATH per task (repeatable)",
     )
     parser.add_argument("--split", default="val")
-    parser.add_argument("--limit", type=int, metavar="N", help="first N samples of each task")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="first N samples of each task (N >= 1)")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)

@@ -8,7 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, parse_method_params
+from vlmprune.cli._common import CommandError, non_negative_int, parse_method_params, positive_int
 from vlmprune.cost import SHAPES
 
 __all__ = ["add_parser", "markdown_table", "run"]
@@ -38,10 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--param", action="append", default=[], metavar="METHOD.KEY=VALUE", help="e.g. fastv.ratio=0.75"
     )
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=16, help="answer length for end-to-end timing")
-    parser.add_argument("--text-words", type=int, default=24, help="words in the prompt's question")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=1)
+    parser.add_argument("--new-tokens", type=positive_int, default=16, help="answer length for end-to-end timing")
+    parser.add_argument("--text-words", type=positive_int, default=24, help="words in the prompt's question")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
@@ -151,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise CommandError(f"--batch expects comma-separated integers, got {args.batch!r}") from None
+    if min(batches) < 1:
+        raise CommandError(f"--batch sizes must be >= 1, got {args.batch!r}")
     variants = _variants(args)
     rows = []
     for batch in batches:

@@ -72,7 +72,7 @@ def _schedule(args: argparse.Namespace, shape: ModelShape) -> TokenSchedule:
     if args.param:
         raise CommandError("--param applies to --method only")
     if args.schedule:
-        return TokenSchedule.parse(args.schedule, shape.layers, args.text_tokens)
+        return TokenSchedule.parse(args.schedule, shape.layers, args.text_tokens, shape.image_tokens)
     try:
         with open(args.trace) as handle:
             data = json.load(handle)
@@ -82,6 +82,10 @@ def _schedule(args: argparse.Namespace, shape: ModelShape) -> TokenSchedule:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.image_tokens is not None and args.image_tokens < 1:
+        raise CommandError(f"--image-tokens must be >= 1, got {args.image_tokens}")
+    if args.text_tokens < 0:
+        raise CommandError(f"--text-tokens cannot be negative, got {args.text_tokens:g}")
     shape = resolve_shape(args.model)
     if args.image_tokens is not None:
         shape = shape.with_image_tokens(args.image_tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vlmprune.cost.shapes import ModelShape
-from vlmprune.errors import LayerError, VlmpruneError
+from vlmprune.errors import BudgetError, LayerError, VlmpruneError
 from vlmprune.methods.base import Method
 from vlmprune.trace import Trace
 
@@ -35,8 +35,14 @@ class TokenSchedule:
         return cls((float(shape.image_tokens),) * shape.layers, text_tokens, "unpruned")
 
     @classmethod
-    def parse(cls, spec: str, layers: int, text_tokens: float = 0.0) -> TokenSchedule:
-        """From `"576@0,288@8,144@16"`: image tokens from each given layer on (the first must be layer 0)."""
+    def parse(cls, spec: str, layers: int, text_tokens: float = 0.0, image_tokens: int | None = None) -> TokenSchedule:
+        """From `"576@0,288@8,144@16"`: image tokens from each given layer on (the first must be layer 0).
+
+        Counts never rise from one step to the next, are not negative, and (given `image_tokens`, the prompt's
+        image tokens) start at no more than there are; each layer appears once.
+        """
+        if text_tokens < 0:
+            raise BudgetError(f"text tokens cannot be negative, got {text_tokens:g}")
         steps = []
         for part in spec.replace(" ", "").split(","):
             count, sep, layer = part.partition("@")
@@ -47,6 +53,18 @@ class TokenSchedule:
             if not sep:
                 raise VlmpruneError(f"bad schedule step {part!r}: expected COUNT@LAYER, e.g. 576@0,288@8")
         steps.sort()
+        layers_given = [layer for layer, _ in steps]
+        if len(set(layers_given)) != len(layers_given):
+            raise VlmpruneError(f"a schedule names each layer once, got {spec!r}")
+        if any(count < 0 for _, count in steps):
+            raise BudgetError(f"image-token counts cannot be negative, got {spec!r}")
+        if image_tokens is not None and steps[0][1] > image_tokens:
+            raise BudgetError(
+                f"the schedule starts with {steps[0][1]:g} image tokens, but the prompt has {image_tokens}"
+            )
+        for (layer, count), (_, before) in zip(steps[1:], steps, strict=False):
+            if count > before:
+                raise BudgetError(f"pruning only removes tokens: {count:g}@{layer} follows {before:g} in {spec!r}")
         if steps[0][0] != 0:
             raise VlmpruneError(f"a schedule starts at layer 0 (the unpruned count), got {spec!r}")
         if steps[-1][0] >= layers:

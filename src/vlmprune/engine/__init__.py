@@ -26,6 +26,7 @@ def prune(model: nn.Module, method: Method) -> Iterator[Trace]:
     Raises:
         UnsupportedModelError: `model`'s family has no adapter (the message lists the supported ones).
         LayerError: a stage's layer is beyond the language model's depth.
+        VlmpruneError: `prune` is already active on `model` (blocks on one model do not nest).
     """
     session = PruningSession(model, method, get_adapter(model))
     session.install()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,10 @@ from vlmprune.stage import Stage
 from vlmprune.trace import StageRecord, StageTimer, Trace
 
 __all__ = ["PruningSession"]
+
+
+# Models with a session installed: a second `prune()` on one of them would stack hooks that disagree.
+_ACTIVE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 @dataclass
@@ -100,23 +105,33 @@ class PruningSession:
             raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
 
     def install(self) -> None:
-        adapter = self.adapter
-        check_accepts(adapter.multimodal_module, MULTIMODAL_ARGUMENTS, "the multimodal model")
-        check_accepts(adapter.text_model, TEXT_MODEL_ARGUMENTS, "the decoder stack")
-        check_accepts(adapter.layers[0], LAYER_ARGUMENTS, "a decoder layer")
-        self._hook(adapter.multimodal_module, self._on_multimodal)
-        self._hook(adapter.text_model, self._on_text_model)
-        self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
-        if any("vision_features" in s.criterion.requires for s in self.stages):
-            self._hook(adapter.vision_feature_module, self._on_vision_features)
-        first = min(min(self._scored_at_layer, default=self.stages[0].layer), self.stages[0].layer)
-        for i in range(first, adapter.num_layers):
-            self._hook(adapter.layers[i], self._layer_hook(i))
+        if self.model in _ACTIVE:
+            raise VlmpruneError(
+                "vlmprune.prune is already active on this model: one method at a time (exit the outer block first)"
+            )
+        try:
+            adapter = self.adapter
+            check_accepts(adapter.multimodal_module, MULTIMODAL_ARGUMENTS, "the multimodal model")
+            check_accepts(adapter.text_model, TEXT_MODEL_ARGUMENTS, "the decoder stack")
+            check_accepts(adapter.layers[0], LAYER_ARGUMENTS, "a decoder layer")
+            self._hook(adapter.multimodal_module, self._on_multimodal)
+            self._hook(adapter.text_model, self._on_text_model)
+            self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
+            if any("vision_features" in s.criterion.requires for s in self.stages):
+                self._hook(adapter.vision_feature_module, self._on_vision_features)
+            first = min(min(self._scored_at_layer, default=self.stages[0].layer), self.stages[0].layer)
+            for i in range(first, adapter.num_layers):
+                self._hook(adapter.layers[i], self._layer_hook(i))
+        except BaseException:
+            self.remove()  # no hook outlives a failed install
+            raise
+        _ACTIVE.add(self.model)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _ACTIVE.discard(self.model)
         self._run = None
         self._input_ids = None
         self._vision_features = None

@@ -5,6 +5,7 @@ Boxes are (x1, y1, x2, y2). "Normalized" means divided by the width and height o
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -23,20 +24,52 @@ __all__ = [
 Box = tuple[float, float, float, float]
 Frame = Literal["pad", "crop", "stretch"]
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_BRACKETED = re.compile(rf"[\[(]\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*[\])]")
-_LOOSE = re.compile(rf"({_NUMBER})\s*[, ]\s*({_NUMBER})\s*[, ]\s*({_NUMBER})\s*[, ]\s*({_NUMBER})")
+# One number, unambiguous (a digit run cannot be split two ways), so scanning for numbers is linear in the text.
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
 def _first_box(text: str) -> Box | None:
-    match = _BRACKETED.search(text) or _LOOSE.search(text)
-    if match is None:
+    """The first four numbers in brackets or parentheses, `[a, b, c, d]`; else the first four in a row.
+
+    Numbers are found in one linear scan and their separators checked as plain strings, never by a backtracking
+    pattern, so a degenerate answer (a thousand digits, thousands of brackets) costs time linear in its length.
+    """
+    numbers = list(_NUMBER.finditer(text))
+    quads = [numbers[i : i + 4] for i in range(len(numbers) - 3)]
+    bracketed = (
+        quad
+        for quad in quads
+        if _next_visible(text, quad[0].start() - 1, -1) in ("[", "(")
+        and _next_visible(text, quad[3].end(), 1) in ("]", ")")
+        and all(_separator(text, a, b) == "," for a, b in itertools.pairwise(quad))
+    )
+    loose = (quad for quad in quads if all(_separator(text, a, b) in (",", " ") for a, b in itertools.pairwise(quad)))
+    quad = next(bracketed, None) or next(loose, None)
+    if quad is None:
         return None
     try:
-        x1, y1, x2, y2 = (float(g) for g in match.groups())
+        x1, y1, x2, y2 = (float(m.group()) for m in quad)
     except ValueError:
         return None
     return x1, y1, x2, y2
+
+
+def _next_visible(text: str, position: int, step: int) -> str:
+    """The first non-whitespace character from `position` on, walking by `step` (+1 or -1); '' if none."""
+    while 0 <= position < len(text) and text[position].isspace():
+        position += step
+    return text[position] if 0 <= position < len(text) else ""
+
+
+def _separator(text: str, before: re.Match, after: re.Match) -> str | None:
+    """',' for whitespace around one comma, ' ' for whitespace only, None for anything else between two numbers."""
+    between = text[before.end() : after.start()]
+    stripped = between.strip()
+    if stripped == ",":
+        return ","
+    if not stripped and between:
+        return " "
+    return None
 
 
 def parse_normalized_box(text: str) -> Box | None:

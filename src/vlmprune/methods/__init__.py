@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
-from vlmprune.errors import UnknownMethodError
+from vlmprune.errors import BudgetError, LayerError, ParameterError, UnknownMethodError, VlmpruneError
 from vlmprune.methods.base import Method
 from vlmprune.methods.fastv import FastV
 from vlmprune.methods.feather import Feather
@@ -58,7 +59,14 @@ def build_method(name: str, **params: object) -> Method:
             f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(valid))}"
         )
     hints = typing.get_type_hints(cls)
-    return cls(**{key: _coerce(value, hints.get(key)) for key, value in params.items()})
+    try:
+        return cls(**{key: _coerce(key, value, hints.get(key)) for key, value in params.items()})
+    except (ParameterError, BudgetError, LayerError) as error:
+        raise type(error)(f"method {cls.name!r}: {error}") from None
+    except VlmpruneError:
+        raise
+    except (ValueError, TypeError) as error:  # a method's own validation in __post_init__
+        raise ParameterError(f"method {cls.name!r}: {error}") from None
 
 
 def _method_class(name: str) -> type[Method]:
@@ -70,11 +78,55 @@ def _method_class(name: str) -> type[Method]:
     return METHODS[key]
 
 
-def _coerce(value: object, hint: object) -> object:
-    """Lists given for tuple-typed fields become tuples, so parameters from JSON or a CLI work as written."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    wants_tuple = origin is tuple or any(typing.get_origin(a) is tuple for a in args)
-    if wants_tuple and isinstance(value, list):
-        return tuple(value)
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _coerce(key: str, value: object, hint: object) -> object:
+    """`value` as the field `key` of type `hint` takes it, or `ParameterError` naming the field and the value.
+
+    Parameters come from Python, JSON or the command line, where `rope=false` arrives as the string "false":
+    booleans accept true/false, yes/no, on/off and 1/0; numbers accept numeric strings; literals must be one of
+    their values; lists become tuples for tuple fields (each element checked); `None` where the field allows it.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
+            return None
+        others = [a for a in args if a is not type(None)]
+        return _coerce(key, value, others[0]) if len(others) == 1 else value
+    if hint is bool:
+        if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[value.strip().lower()]
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ParameterError(f"{key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        number = _number(value)
+        if number is not None and (hint is float or float(number).is_integer()):
+            return hint(number)
+        raise ParameterError(f"{key} must be {'an integer' if hint is int else 'a number'}, got {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ParameterError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParameterError(f"{key} must be a list such as [8, 16], got {value!r}")
+        if args and args[-1] is not Ellipsis and len(args) != len(value):
+            raise ParameterError(f"{key} must have {len(args)} elements, got {value!r}")
+        element = (lambda i: args[0]) if args and args[-1] is Ellipsis else (lambda i: args[i] if args else None)
+        return tuple(_coerce(key, v, element(i)) for i, v in enumerate(value))
     return value
+
+
+def _number(value: object) -> float | int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,60 @@
+"""Method parameters are read by their declared types, from Python, JSON or the command line, before any load."""
+
+from __future__ import annotations
+
+import pytest
+
+import vlmprune
+from vlmprune.cli._common import parse_params
+from vlmprune.cli.main import main
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        *[("false", False), ("False", False), ("no", False), ("0", False), ("off", False)],
+        *[("true", True), ("YES", True), ("1", True), ("on", True)],
+    ],
+)
+def test_boolean_parameters_read_the_words_people_write(raw, expected):
+    method = vlmprune.build_method("fastv", **parse_params([f"rope={raw}"]))
+    assert method.rope is expected
+
+
+def test_numbers_literals_and_tuples_are_checked_against_the_field():
+    assert vlmprune.build_method("fastv", ratio="0.75", layer="3").ratio == 0.75
+    assert vlmprune.build_method("pdrop", layers=[2, 4], keep="none").layers == (2, 4)
+    assert vlmprune.build_method("uniform", stride="None").stride is None
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("fastv", {"rope": "maybe"}, r"method 'fastv': rope must be true or false, got 'maybe'"),
+        ("fastv", {"ratio": "half"}, r"ratio must be a number, got 'half'"),
+        ("fastv", {"softmax": "imag"}, r"softmax must be one of 'sequence', 'image', 'none', got 'imag'"),
+        ("fastv", {"layer": 2.5}, r"layer must be an integer, got 2.5"),
+        ("fastv", {"ratio": 1.5}, r"ratio .* must be in \[0, 1\), got 1.5"),
+        ("feather", {"layers": [1, 2, 3]}, r"layers must have 2 elements"),
+        ("pdrop", {"layers": 8}, r"layers must be a list"),
+    ],
+)
+def test_a_bad_parameter_is_a_parameter_error_naming_the_field(name, params, message):
+    with pytest.raises(vlmprune.ParameterError, match=message):
+        vlmprune.build_method(name, **params)
+
+
+@pytest.mark.parametrize("param", ["softmax=imag", "ratio=half", "rope=maybe"])
+def test_the_command_line_rejects_a_bad_parameter_in_one_line_before_loading(param, tmp_path, capsys):
+    missing = ["--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "no.png")]
+    code = main(["generate", *missing, "--prompt", "hi", "--method", "fastv", "--param", param])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert param.split("=")[0] in err and "no-model" not in err
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "many"])
+def test_eval_limit_must_be_a_positive_count(limit, tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path / "m"), "--limit", limit, "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--limit" in capsys.readouterr().err
