@@ -15,6 +15,7 @@ __all__ = [
     "CommandError",
     "add_loading_args",
     "add_task_args",
+    "check_scored",
     "load_model",
     "load_task_samples",
     "method_or_none",
@@ -22,6 +23,7 @@ __all__ = [
     "parse_method_params",
     "parse_params",
     "positive_int",
+    "run_data",
 ]
 
 
@@ -98,6 +100,9 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="first N samples of each task (N >= 1)")
     parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start afresh in --out instead of resuming the run there"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
 
@@ -143,6 +148,23 @@ def parse_method_params(items: list[str] | None) -> dict[str, dict[str, object]]
             raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.ratio=0.75), got {item!r}")
         per_method.setdefault(name, []).append(f"{key}={value}")
     return {name: parse_params(params) for name, params in per_method.items()}
+
+
+def run_data(args: argparse.Namespace) -> dict[str, object]:
+    """Where the samples of `add_task_args` come from, as a run's manifest records it."""
+    return {"tasks": args.tasks, "data": list(args.data), "split": args.split}
+
+
+def check_scored(records: list[dict]) -> None:
+    """`CommandError` if every sample errored: a table of zeros is not a result."""
+    if records and all(record.get("error") for record in records):
+        reasons: dict[str, int] = {}
+        for record in records:
+            reason = record["error"].split(":", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+        listed = ", ".join(f"{reason} x{count}" for reason, count in reasons.items())
+        first = records[0]["error"]
+        raise CommandError(f"every one of the {len(records)} samples failed ({listed}; e.g. {first}): nothing scored")
 
 
 def method_or_none(name: str, params: dict[str, object]):

@@ -9,9 +9,11 @@ from pathlib import Path
 from vlmprune.cli._common import (
     add_loading_args,
     add_task_args,
+    check_scored,
     load_model,
     load_task_samples,
     parse_method_params,
+    run_data,
 )
 from vlmprune.extras import import_extra
 
@@ -79,7 +81,7 @@ def _other_tasks(args, model, processor, method, out: Path) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     from vlmprune.cost import TokenSchedule, estimate, shape_from_config
-    from vlmprune.eval.runner import EvalConfig, load_records, run_grounding, summarize
+    from vlmprune.eval.runner import EvalConfig, clear_run, load_records, run_grounding, summarize
 
     samples = load_task_samples(args)  # before the model loads: bad data fails at once
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
@@ -87,14 +89,13 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for method in _methods(args, shape):
         out = Path(args.out) / method.name
-        run_grounding(
-            model,
-            processor,
-            method,
-            samples,
-            EvalConfig(out, args.batch_size, args.max_new_tokens, method_name=method.name),
-        )
-        summary = summarize(load_records(out))
+        if args.overwrite and out.is_dir():
+            clear_run(out)
+        config = EvalConfig(out, args.batch_size, args.max_new_tokens, method_name=method.name, data=run_data(args))
+        run_grounding(model, processor, method, samples, config)
+        records = load_records(out)
+        check_scored(records)
+        summary = summarize(records)
         reduction = estimate(shape, TokenSchedule.from_method(method, shape, args.text_tokens), args.formula).reduction
         rows.append(
             {

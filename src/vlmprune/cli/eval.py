@@ -8,12 +8,15 @@ import os
 from pathlib import Path
 
 from vlmprune.cli._common import (
+    CommandError,
     add_loading_args,
     add_task_args,
+    check_scored,
     load_model,
     load_task_samples,
     method_or_none,
     parse_params,
+    run_data,
 )
 from vlmprune.errors import VlmpruneError
 from vlmprune.extras import import_extra
@@ -50,16 +53,22 @@ def _distributed() -> tuple[int, int, object | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmprune.eval.runner import EvalConfig, load_records, run_grounding, summarize
+    from vlmprune.eval.runner import EvalConfig, clear_run, load_records, run_grounding, summarize
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file, not a directory")
     method = method_or_none(args.method, parse_params(args.param))
     samples = load_task_samples(args)
     rank, world, state = _distributed()
     processor, model = load_model(
         args.model, device=args.device if state is None else str(state.device), dtype=args.dtype, attn=args.attn
     )
-    out = Path(args.out)
-    config = EvalConfig(out, args.batch_size, args.max_new_tokens, rank, world, args.method)
+    if args.overwrite and rank == 0 and out.is_dir():
+        clear_run(out)
+    if state is not None:
+        state.wait_for_everyone()
+    config = EvalConfig(out, args.batch_size, args.max_new_tokens, rank, world, args.method, run_data(args))
     bar = None
     if not args.no_progress and rank == 0:
         from tqdm.auto import tqdm
@@ -78,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         _merge(out, samples, load_records(out))
     records = load_records(out)
+    check_scored(records)
     summary = {
         "method": args.method,
         "params": parse_params(args.param),

@@ -1,18 +1,22 @@
 """The evaluation runner: batched, resumable, data-parallel grounding evaluation with a pruning method.
 
-Each finished sample is appended to a JSONL file, flushed and synced, so a killed run resumes where it
-stopped and loses nothing; bad data (a missing or corrupt image, an annotation without a box) becomes a
-record with an `error` and is counted, never a crash. With several processes (`accelerate launch`) each takes
-every N-th sample, writes its own file, and the first process merges them once all are done.
+Each finished sample is appended to a JSONL file as one flushed and synced write, so a killed run resumes
+where it stopped and loses nothing (a line torn by the kill is cut off before appending). A run directory knows
+what it holds: `run.json` records the method with all its parameters, the model, the data, the prompt format
+and the vlmprune version, and resuming with anything different is refused. Bad data (a missing or corrupt
+image, an annotation without a box) becomes a record with an `error` and is counted, never a crash; such samples
+are run again on resume. With several processes (`accelerate launch`) each takes every N-th sample, writes its
+own file, and the first process merges them once all are done.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +24,16 @@ import torch
 from PIL import Image
 
 from vlmprune.engine import prune
+from vlmprune.errors import VlmpruneError
 from vlmprune.eval.boxes import center_inside, from_frame, iou
 from vlmprune.eval.data import RefSample
 from vlmprune.eval.prompts import GroundingFormat, grounding_format_for
 from vlmprune.methods.base import Method
 
-__all__ = ["EvalConfig", "load_records", "run_grounding", "summarize"]
+__all__ = ["MANIFEST", "EvalConfig", "clear_run", "load_records", "run_grounding", "run_identity", "summarize"]
 
 THRESHOLDS = (0.25, 0.3, 0.5, 0.7)
+MANIFEST = "run.json"
 
 
 @dataclass
@@ -38,6 +44,7 @@ class EvalConfig:
     rank: int = 0
     world_size: int = 1
     method_name: str = "none"
+    data: dict[str, Any] = field(default_factory=dict)  # where the samples come from (tasks, paths, split)
 
 
 def _jsonl_name(rank: int, world_size: int) -> str:
@@ -45,16 +52,101 @@ def _jsonl_name(rank: int, world_size: int) -> str:
 
 
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
-    """Every record written so far in `out_dir` (merged file and per-rank files); a torn last line is skipped."""
-    records = []
+    """The latest record of each sample in `out_dir` (merged and per-rank files), in first-seen order.
+
+    A torn last line is skipped; a sample that errored and was run again counts once, as its later record.
+    """
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(out_dir.glob("samples*.jsonl")):
         with open(path) as handle:
             for line in handle:
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # the line a kill interrupted; that sample is simply run again
-    return records
+                latest[(record["task"], record["id"])] = record
+    return list(latest.values())
+
+
+def clear_run(out_dir: Path) -> None:
+    """Removes what a run wrote in `out_dir` (records, manifest, summaries), so that a new run starts afresh."""
+    for pattern in ("samples*.jsonl", MANIFEST, "summary.json", "summary.md"):
+        for path in out_dir.glob(pattern):
+            path.unlink()
+
+
+def run_identity(model: torch.nn.Module, method: Method | None, config: EvalConfig) -> dict[str, Any]:
+    """What decides a run's records: method and all its parameters, model, data, prompt format, versions."""
+    import vlmprune
+
+    fmt = grounding_format_for(model.config.model_type)
+    model_config = {
+        k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
+    }
+    digest = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    params = {f.name: getattr(method, f.name) for f in fields(method)} if method is not None else {}
+    return json.loads(
+        json.dumps(
+            {
+                "method": config.method_name,
+                "params": params,
+                "model": getattr(model.config, "_name_or_path", ""),
+                "model_config_sha256": digest,
+                "data": config.data,
+                "prompt": fmt.prompt,
+                "frame": fmt.frame,
+                "max_new_tokens": config.max_new_tokens,
+                "vlmprune": vlmprune.__version__,
+            },
+            default=str,
+        )
+    )  # JSON round trip: tuples become lists, as they read back from run.json
+
+
+def _check_manifest(out: Path, identity: dict[str, Any], rank: int) -> None:
+    """Refuses to resume a run made with other settings; writes `run.json` for a new run."""
+    path = out / MANIFEST
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise VlmpruneError(f"{path} cannot be read ({error}); pass --overwrite to start afresh") from None
+        changed = _differences(previous, identity)
+        if changed:
+            raise VlmpruneError(
+                f"{out} holds a run made with other settings ({'; '.join(changed)}); resume with the same "
+                "settings, or pass --overwrite to start afresh, or choose another --out"
+            )
+        return
+    if any(out.glob("samples*.jsonl")):
+        raise VlmpruneError(
+            f"{out} holds samples but no {MANIFEST} saying how they were made; pass --overwrite to start afresh, "
+            "or choose another --out"
+        )
+    if rank == 0:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(identity, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def _differences(before: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(now, dict):
+        changed = []
+        for key in sorted(set(before) | set(now)):
+            changed += _differences(before.get(key), now.get(key), f"{prefix}{key}.")
+        return changed
+    return [] if before == now else [f"{prefix.rstrip('.')}: {before!r} -> {now!r}"]
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncates `path` after its last newline: a line a kill left half-written is dropped before appending."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            handle.truncate(end)
 
 
 def _square_pad(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -90,11 +182,13 @@ def run_grounding(
     fmt = grounding_format_for(model.config.model_type)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    done = {(r["task"], r["id"]) for r in load_records(out)}
+    _check_manifest(out, run_identity(model, method, config), config.rank)
+    path = out / _jsonl_name(config.rank, config.world_size)
+    _cut_torn_tail(path)  # before reading: a last record without its newline may be cut short
+    done = {(r["task"], r["id"]) for r in load_records(out) if not r.get("error")}  # errored samples run again
     mine = [s for i, s in enumerate(samples) if i % config.world_size == config.rank]
     todo = [s for s in mine if (s.task, s.id) not in done]
     progress(len(mine) - len(todo))
-    path = out / _jsonl_name(config.rank, config.world_size)
     fill = _mean_colour(processor)
     device = next(model.parameters()).device
     ran = 0
@@ -115,10 +209,10 @@ def run_grounding(
                 records.append(record)
             if ready:
                 _generate(model, processor, fmt, ready, fill, device, config, trace)
-            for record in records:
+            for record in records:  # one write per record, flushed and synced: a kill tears at most one line
                 handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+                handle.flush()
+                os.fsync(handle.fileno())
             ran += len(batch)
             progress(len(batch))
     return ran
@@ -199,9 +293,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         scored = [r for r in rows if not r.get("error")]
         n = max(len(scored), 1)
         ious = [r["iou"] or 0.0 for r in scored]
+        reasons: dict[str, int] = {}
+        for r in rows:
+            if r.get("error"):
+                reason = r["error"].split(":", 1)[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
         entry = {
             "samples": len(rows),
             "errors": len(rows) - len(scored),
+            "errors_by_reason": reasons,
             "unparsed": sum(r["pred_box"] is None for r in scored),
             **{f"acc@{t:g}": sum(v >= t for v in ious) / n for t in THRESHOLDS},
             "mean_iou": sum(ious) / n,

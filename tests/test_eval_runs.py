@@ -1,0 +1,98 @@
+"""A run directory knows what it holds: resuming never mixes settings, errors are retried, torn writes lose nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from eval_data import write_refer
+from vlmprune.cli.main import main
+from vlmprune.eval.runner import load_records
+
+
+def eval_args(model_dir, data, out, *extra):
+    return [
+        "eval",
+        "--model",
+        model_dir,
+        "--tasks",
+        "refcoco",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def scored(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())["tasks"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "named"),
+    [
+        (["--method", "fastv", "--param", "ratio=0.5"], ["--method", "fastv", "--param", "ratio=0.9"], "params.ratio"),
+        (["--method", "fastv"], ["--method", "random"], "method: 'fastv' -> 'random'"),
+        (["--method", "fastv"], ["--method", "fastv", "--max-new-tokens", "8"], "max_new_tokens"),
+    ],
+)
+def test_resuming_with_other_settings_is_refused_and_overwrite_starts_afresh(
+    small_model_dir, tmp_path, capsys, first, second, named
+):
+    data = write_refer(tmp_path / "data", n_refs=2)
+    out = tmp_path / "out"
+    assert main(eval_args(small_model_dir, data, out, *first)) == 0
+    before = (out / "samples.jsonl").read_text()
+    capsys.readouterr()
+    assert main(eval_args(small_model_dir, data, out, *second)) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vlmprune:")]
+    assert named in err and "--overwrite" in err, err
+    assert (out / "samples.jsonl").read_text() == before  # nothing already computed is lost
+    assert main(eval_args(small_model_dir, data, out, *second, "--overwrite")) == 0
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["method"] == second[1]
+
+
+def test_errored_samples_run_again_once_the_data_is_fixed(small_model_dir, tmp_path, capsys):
+    data = write_refer(tmp_path / "data", n_refs=3)
+    images = data / "images"
+    hidden = tmp_path / "images-away"
+    shutil.move(images, hidden)
+    out = tmp_path / "out"
+    assert main(eval_args(small_model_dir, data, out, "--method", "fastv")) == 2  # every sample failed
+    n = len(load_records(out))
+    assert f"every one of the {n} samples failed (FileNotFoundError x{n}" in capsys.readouterr().err
+    shutil.move(hidden, images)
+    assert main(eval_args(small_model_dir, data, out, "--method", "fastv")) == 0
+    records = load_records(out)
+    assert len(records) == n and not any(r["error"] for r in records)
+    assert scored(out)["refcoco"]["errors"] == 0
+
+
+def test_a_run_torn_at_any_byte_resumes_to_the_uninterrupted_result(small_model_dir, tmp_path):
+    data = write_refer(tmp_path / "data", n_refs=2)
+    whole = tmp_path / "whole"
+    assert main(eval_args(small_model_dir, data, whole, "--method", "fastv")) == 0
+    full = (whole / "samples.jsonl").read_bytes()
+    lines = full.splitlines(keepends=True)
+    cuts = sorted({len(lines[0]) // 2, len(lines[0]), len(lines[0]) + 1, len(full) - 3, len(full) - 1})
+    for cut in cuts:
+        torn = tmp_path / f"torn-{cut}"
+        torn.mkdir()
+        shutil.copy(whole / "run.json", torn / "run.json")
+        (torn / "samples.jsonl").write_bytes(full[:cut])
+        assert main(eval_args(small_model_dir, data, torn, "--method", "fastv")) == 0
+        assert (torn / "samples.jsonl").read_bytes().splitlines() == full.splitlines(), f"cut at byte {cut}"
+        assert scored(torn) == scored(whole)
+
+
+def test_eval_out_that_is_a_file_is_one_line(small_model_dir, tmp_path, capsys):
+    data = write_refer(tmp_path / "data", n_refs=2)
+    (tmp_path / "taken").write_text("x")
+    assert main(eval_args(small_model_dir, data, tmp_path / "taken", "--method", "fastv")) == 2
+    assert "is a file" in capsys.readouterr().err
