@@ -96,3 +96,13 @@ def test_eval_out_that_is_a_file_is_one_line(small_model_dir, tmp_path, capsys):
     (tmp_path / "taken").write_text("x")
     assert main(eval_args(small_model_dir, data, tmp_path / "taken", "--method", "fastv")) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_refer_folder_whose_instances_lack_annotations_is_one_line(tmp_path, capsys):
+    data = write_refer(tmp_path / "data", n_refs=2)
+    instances = data / "refcoco" / "instances.json"
+    content = json.loads(instances.read_text())
+    del content["annotations"]
+    instances.write_text(json.dumps(content))
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a COCO instances file" in capsys.readouterr().err

@@ -58,3 +58,15 @@ def test_eval_limit_must_be_a_positive_count(limit, tmp_path, capsys):
     code = main(["eval", "--model", str(tmp_path / "m"), "--limit", limit, "--out", str(tmp_path / "run")])
     assert code == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_unwritable_trace_path_and_a_prompt_with_two_images(small_model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(image)
+    base = ["generate", "--model", small_model_dir, "--image", str(image), "--method", "fastv"]
+    assert main([*base, "--prompt", "what", "--save-trace", str(tmp_path / "no" / "dir" / "t.json")]) == 2
+    assert "its directory does not exist" in capsys.readouterr().err
+    assert main([*base, "--prompt", "<image> and <image> what"]) == 2
+    assert "the prompt does not fit the image" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from vlmprune.cli._common import CommandError, add_loading_args, load_model, method_or_none, parse_params
 
@@ -50,11 +51,16 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     method = method_or_none(args.method, parse_params(args.param))
+    if args.save_trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_trace))):
+        raise CommandError(f"--save-trace {args.save_trace}: its directory does not exist")
     image = load_image(args.image)
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
 
     prompt = build_prompt(processor, args.prompt)
-    inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    try:
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
+    except ValueError as error:  # e.g. two <image> placeholders for the one --image
+        raise CommandError(f"the prompt does not fit the image: {error}") from None
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False}
@@ -82,8 +88,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(trace.summary())
         if args.save_trace:
-            with open(args.save_trace, "w") as handle:
-                json.dump(trace.to_dict(), handle)
+            try:
+                with open(args.save_trace, "w") as handle:
+                    json.dump(trace.to_dict(), handle)
+            except OSError as error:
+                raise CommandError(f"cannot write the trace to {args.save_trace}: {error}") from None
             print(f"trace written to {args.save_trace}")
     return 0
 

@@ -92,13 +92,22 @@ def load_refer(
         else [root / "images" / "mscoco" / "images" / "train2014", root / "images" / "train2014", root / "train2014"]
     )
     image_dir = next((c for c in candidates if c.is_dir()), candidates[0])
-    image_info = {img["id"]: img for img in instances["images"]}
-    boxes = {ann["id"]: ann.get("bbox") for ann in instances["annotations"]}
+    try:
+        image_info = {img["id"]: img for img in instances["images"]}
+        boxes = {ann["id"]: ann.get("bbox") for ann in instances["annotations"]}
+    except (KeyError, TypeError) as error:
+        raise VlmpruneError(
+            f"{folder / 'instances.json'} is not a COCO instances file (its images or annotations lack {error})"
+        ) from None
     samples = []
     for ref in refs:
         if ref.get("split") != split:
             continue
-        info = image_info[ref["image_id"]]
+        info = image_info.get(ref.get("image_id"))
+        if info is None:
+            raise VlmpruneError(
+                f"{folder}: ref {ref.get('ref_id')} names image {ref.get('image_id')}, not in instances.json"
+            )
         width, height = info["width"], info["height"]
         bbox = boxes.get(ref["ann_id"])
         box = _xywh_to_normalized(bbox, width, height) if bbox else None
