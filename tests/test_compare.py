@@ -55,6 +55,24 @@ def test_compare_prints_table_one_at_matched_flops(small_model_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "| method | FLOPs red. | refcoco | Loc-Avg | Other-Avg |" in printed
     rows = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in rows] == ["fastv", "feather"]
-    assert all(abs(r["flops_reduction"] - 0.4) < 0.02 for r in rows)
+    assert [r["method"] for r in rows] == ["unpruned", "fastv", "feather"]
+    assert rows[0]["flops_reduction"] == 0.0
+    assert all(abs(r["flops_reduction"] - 0.4) < 0.02 for r in rows[1:])
     assert (out / "fastv" / "samples.jsonl").exists() and (out / "feather" / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "fastv,feather"], "before layer 8, but the language model has 6 layers"),  # feather's default
+        (["--methods", "fastv", "--param", "knn.k=3"], "is for 'knn', which is not run here"),
+        (["--methods", "fastv", "--param", "fastv.softmax=imag"], "softmax must be one of"),
+    ],
+)
+def test_compare_checks_every_method_before_evaluating_any(small_model_dir, tmp_path, capsys, extra, message):
+    data = write_refer(tmp_path / "data", n_refs=2)
+    out = tmp_path / "compare"
+    args = ["compare", "--model", small_model_dir, "--tasks", "refcoco", "--data", str(data), "--out", str(out)]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "fastv").exists() and not (out / "unpruned").exists()  # nothing ran

@@ -138,14 +138,20 @@ def _task_paths(tasks: list[str], data: list[str]) -> dict[str, Path]:
     return paths
 
 
-def parse_method_params(items: list[str] | None) -> dict[str, dict[str, object]]:
-    """`["fastv.ratio=0.75", "feather.layers=[2,4]"]` -> `{"fastv": {"ratio": 0.75}, "feather": {"layers": [2, 4]}}`."""
+def parse_method_params(items: list[str] | None, methods: list[str]) -> dict[str, dict[str, object]]:
+    """`["fastv.ratio=0.75", "feather.layers=[2,4]"]` -> `{"fastv": {"ratio": 0.75}, "feather": {"layers": [2, 4]}}`.
+
+    Every METHOD must be one of `methods` (those the command runs): a parameter for a method that does not run
+    would be silently ignored.
+    """
     per_method: dict[str, list[str]] = {}
     for item in items or []:
         target, _, value = item.partition("=")
         name, dot, key = target.partition(".")
         if not dot or not key:
             raise CommandError(f"--param expects METHOD.KEY=VALUE (e.g. fastv.ratio=0.75), got {item!r}")
+        if name not in methods:
+            raise CommandError(f"--param {item} is for {name!r}, which is not run here (--methods {','.join(methods)})")
         per_method.setdefault(name, []).append(f"{key}={value}")
     return {name: parse_params(params) for name, params in per_method.items()}
 

@@ -54,8 +54,8 @@ def _variants(args: argparse.Namespace) -> list:
     from vlmprune.bench import Variant
     from vlmprune.methods import build_method
 
-    per_method = parse_method_params(args.param)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    per_method = parse_method_params(args.param, names)
     variants = [Variant("unpruned", None)]
     for name in names:
         method = build_method(name, **per_method.get(name, {}))

@@ -45,15 +45,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _methods(args: argparse.Namespace, shape) -> list:
+def _methods(args: argparse.Namespace, shape=None) -> list:
+    """The methods to compare; with the model's `shape`, matched to `--match-flops` (without, only built)."""
     from vlmprune.cost import match_flops
     from vlmprune.methods import build_method
 
-    per_method = parse_method_params(args.param)
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    per_method = parse_method_params(args.param, names)
     methods = []
-    for name in [n.strip() for n in args.methods.split(",") if n.strip()]:
+    for name in names:
         method = build_method(name, **per_method.get(name, {}))
-        if args.match_flops is not None:
+        if args.match_flops is not None and shape is not None:
             method = match_flops(method, shape, args.match_flops, formula=args.formula, text_tokens=args.text_tokens)
         methods.append(method)
     return methods
@@ -80,27 +82,39 @@ def _other_tasks(args, model, processor, method, out: Path) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vlmprune.adapters import get_adapter
     from vlmprune.cost import TokenSchedule, estimate, shape_from_config
+    from vlmprune.engine import PruningSession
     from vlmprune.eval.runner import EvalConfig, clear_run, load_records, run_grounding, summarize
 
-    samples = load_task_samples(args)  # before the model loads: bad data fails at once
+    _methods(args)  # before anything loads: a bad method or parameter fails at once
+    samples = load_task_samples(args)  # and so does bad data
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
     shape = shape_from_config(model.config, name=args.model)
+    methods = _methods(args, shape)
+    adapter = get_adapter(model)
+    for method in methods:  # every method against the model (layers within its depth) before evaluating any
+        PruningSession(model, method, adapter)
     rows = []
-    for method in _methods(args, shape):
-        out = Path(args.out) / method.name
+    for name, method in [("unpruned", None), *((m.name, m) for m in methods)]:
+        out = Path(args.out) / name
         if args.overwrite and out.is_dir():
             clear_run(out)
-        config = EvalConfig(out, args.batch_size, args.max_new_tokens, method_name=method.name, data=run_data(args))
+        config = EvalConfig(out, args.batch_size, args.max_new_tokens, method_name=name, data=run_data(args))
         run_grounding(model, processor, method, samples, config)
         records = load_records(out)
         check_scored(records)
         summary = summarize(records)
-        reduction = estimate(shape, TokenSchedule.from_method(method, shape, args.text_tokens), args.formula).reduction
+        schedule = (
+            TokenSchedule.from_method(method, shape, args.text_tokens)
+            if method is not None
+            else TokenSchedule.unpruned(shape, args.text_tokens)
+        )
+        reduction = estimate(shape, schedule, args.formula).reduction
         rows.append(
             {
-                "method": method.name,
-                "params": {k: v for k, v in vars(method).items()},
+                "method": name,
+                "params": dict(vars(method)) if method is not None else {},
                 "flops_reduction": reduction,
                 "localization": {task: entry["acc@0.5"] for task, entry in summary.items()},
                 "other": _other_tasks(args, model, processor, method, out),
