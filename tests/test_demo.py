@@ -40,6 +40,7 @@ def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, c
     names = ["unpruned", "fastv", "fastv-no-rope", "uniform", "knn", "random", "pdrop", "feather"]
     assert [r["method"] for r in rows] == names
     assert {"method", "localization_acc", "other_acc", "flops_reduction", "prefill_speedup"} <= set(rows[0])
+    assert all(r["prefill_speedup_spread"][0] <= r["prefill_speedup"] <= r["prefill_speedup_spread"][1] for r in rows)
     reductions = [r["flops_reduction"] for r in rows[1:]]
     assert max(reductions) - min(reductions) < 0.05  # matched compute
     assert rows[0]["flops_reduction"] == 0.0 and rows[0]["prefill_speedup"] == 1.0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError
+from vlmprune.cli._common import CommandError, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -27,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="demo", metavar="DIR", help="where the picture goes (default ./demo)")
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
-    parser.add_argument("--timing-rounds", type=int, default=5, help="interleaved prefill timings (default 5)")
+    parser.add_argument("--timing-rounds", type=positive_int, default=5, help="interleaved prefill timings (default 5)")
     parser.set_defaults(run=run)
 
 
@@ -60,14 +60,17 @@ def run(args: argparse.Namespace) -> int:
         model, processor, limit=args.limit, batch_size=args.batch_size, timing_rounds=args.timing_rounds
     )
     print()
-    header = ["loc acc", "other acc", "FLOPs red.", "prefill", "kept rows (0 top, 1 bottom)"]
-    print(f"{'method':14s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, (8, 9, 10, 8, 28), strict=True)))
+    header = ["loc acc", "other acc", "FLOPs red.", "prefill (min-max)", "kept rows (0 top, 1 bottom)"]
+    print(f"{'method':14s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, (8, 9, 10, 18, 28), strict=True)))
     for r in rows:
         vertical = "-" if r.mean_vertical_position is None else f"{r.mean_vertical_position:.3f}"
+        low, high = r.prefill_speedup_spread
+        speed = f"{r.prefill_speedup:.2f}x ({low:.2f}-{high:.2f})"
         print(
             f"{r.method:14s} {r.localization_acc:8.3f} {r.other_acc:9.3f} {r.flops_reduction:10.0%} "
-            f"{r.prefill_speedup:7.2f}x {vertical:>28s}"
+            f"{speed:>18s} {vertical:>28s}"
         )
+    print(f"prefill: median and range over {args.timing_rounds} interleaved timing rounds on this machine")
     prior = prior_baseline(limit=args.limit)
     print(f"{'(blind)':14s} {prior.localization_acc:8.3f} {prior.other_acc:9.3f}   answering without the image")
     if args.json:  # first: the table must not depend on the picture
