@@ -179,3 +179,11 @@ def test_installed_entry_point_lists_methods() -> None:
     result = subprocess.run([str(script), "methods"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "fastv" in result.stdout and "feather" in result.stdout
+
+
+def test_methods_explains_every_parameter_of_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    for name, info in described.items():
+        assert set(info["help"]) == set(info["parameters"]), name
+        assert all(info["help"].values()), f"{name}: a parameter without an explanation"

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from vlmprune.methods import METHODS, method_parameters
+from vlmprune.methods.base import PARAMETER_HELP
 
 __all__ = ["add_parser", "describe_methods", "run"]
 
@@ -26,10 +27,12 @@ def describe_methods() -> dict[str, dict[str, object]]:
     described: dict[str, dict[str, object]] = {}
     for name, cls in METHODS.items():
         doc = (cls.__doc__ or "").strip()
+        parameters = method_parameters(name)
         described[name] = {
             "paper": cls.paper,
             "summary": doc.splitlines()[0] if doc else "",
-            "parameters": method_parameters(name),
+            "parameters": parameters,
+            "help": {key: PARAMETER_HELP.get(key, "") for key in parameters},
         }
     return described
 
@@ -46,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'':<{width}}  {info['summary']}")
         params = " ".join(f"{key}={_show(value)}" for key, value in info["parameters"].items())
         print(f"{'':<{width}}  {params}")
+        keys = max(len(key) for key in info["parameters"])
+        for key, text in info["help"].items():
+            print(f"{'':<{width}}    {key:<{keys}}  {text}")
         print()
     print("Override a default with: vlmprune generate ... --method NAME --param key=value")
     return 0

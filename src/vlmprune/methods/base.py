@@ -10,7 +10,26 @@ from vlmprune.budget import Keep
 from vlmprune.criteria.base import Criterion
 from vlmprune.stage import Stage
 
-__all__ = ["Method", "OneStageMethod"]
+__all__ = ["PARAMETER_HELP", "Method", "OneStageMethod"]
+
+# One line per method parameter, shared by every method that has it (`vlmprune methods` prints them).
+PARAMETER_HELP: dict[str, str] = {
+    "layer": "the first decoder layer that runs on the kept tokens (0 = before the language model)",
+    "layers": "the layers before which each stage prunes, increasing",
+    "ratio": "fraction of the image tokens dropped (the papers' R)",
+    "positions": "'original' keeps each kept token's position id; 'renumbered' closes the gaps",
+    "query": "'last': the prompt's last token scores the image; 'text_mean': the text after the image, averaged",
+    "softmax": "attention normalised over the sequence ('sequence') or the image keys ('image'), or raw ('none')",
+    "rope": "rotary embeddings on the scoring q and k; false is FEATHER's phi-R, without RoPE's bottom-row bias",
+    "scoring": "'before': the previous layer's q and k score the stage (FastV); 'after': the stage's own layer",
+    "seed": "random seed of random scores (and of FastV at layer 0)",
+    "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
+    "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
+    "keep": "PyramidDrop: the fraction of the original image tokens each stage keeps (overrides lam)",
+    "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
+    "top_up": "fill each sample's union to the members' total count, so every sample keeps as many tokens",
+    "k": "neighbours per density estimate (DPC-KNN)",
+}
 
 
 class Method(ABC):
