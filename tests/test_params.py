@@ -70,3 +70,16 @@ def test_generate_refuses_an_unwritable_trace_path_and_a_prompt_with_two_images(
     assert "its directory does not exist" in capsys.readouterr().err
     assert main([*base, "--prompt", "<image> and <image> what"]) == 2
     assert "the prompt does not fit the image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fastv", "random", "uniform", "knn"])
+def test_one_stage_methods_take_a_token_count_as_their_budget(name, models, make_inputs):
+    import torch
+
+    params = {"keep": 20, "layer": 2} | ({"stride": None} if name == "uniform" else {})
+    method = vlmprune.build_method(name, **params)
+    with torch.no_grad(), vlmprune.prune(models["sdpa"], method) as trace:
+        models["sdpa"](**make_inputs(["where is the cat", "is the large object on the left red"]))
+    assert trace.stages[0].n_kept == [20, 20]
+    with pytest.raises(vlmprune.ParameterError, match="keep"):
+        vlmprune.build_method(name, keep=-1)

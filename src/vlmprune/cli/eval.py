@@ -53,7 +53,7 @@ def _distributed() -> tuple[int, int, object | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlmprune.eval.runner import EvalConfig, clear_run, load_records, run_grounding, summarize
+    from vlmprune.eval.runner import MANIFEST, EvalConfig, clear_run, load_records, run_grounding, summarize
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     check_scored(records)
     summary = {
         "method": args.method,
-        "params": parse_params(args.param),
+        "params": json.loads((out / MANIFEST).read_text())["params"],  # every parameter, defaults included
         "model": args.model,
         "tasks": summarize(records),
     }

@@ -36,6 +36,8 @@ def match_flops(
     knob, low, high = KNOBS[method.name]
     if method.name == "uniform":
         method = replace(method, stride=None)  # a fixed stride ignores the budget
+    if getattr(method, "keep", None) is not None and knob == "ratio":
+        method = replace(method, keep=None)  # a token count would override the ratio being matched
     best, best_gap = method, float("inf")
     for i in range(round((high - low) / 0.001) + 1):
         value = round(low + 0.001 * i, 3)

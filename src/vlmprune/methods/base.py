@@ -25,7 +25,7 @@ PARAMETER_HELP: dict[str, str] = {
     "seed": "random seed of random scores (and of FastV at layer 0)",
     "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
     "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
-    "keep": "PyramidDrop: the fraction of the original image tokens each stage keeps (overrides lam)",
+    "keep": "image tokens kept, a count instead of ratio (PyramidDrop: each stage's fraction kept, overrides lam)",
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
     "top_up": "fill each sample's union to the members' total count, so every sample keeps as many tokens",
     "k": "neighbours per density estimate (DPC-KNN)",
@@ -57,6 +57,7 @@ class OneStageMethod(Method):
     layer: int = 2
     ratio: float = 0.5  # fraction of the image tokens dropped (FastV's R)
     positions: Literal["original", "renumbered"] = "original"
+    keep: int | None = None  # image tokens kept, a count instead of `ratio` (e.g. 64 of 576)
 
     #: which layer's q/k score, for criteria that need LLM attention (see `Stage.scoring`)
     scoring: ClassVar[Literal["before", "after"]] = "before"
@@ -68,6 +69,8 @@ class OneStageMethod(Method):
             raise ValueError(f"layer must be >= 0 (0 = before the LLM), got {self.layer}")
         if self.positions not in ("original", "renumbered"):
             raise ValueError(f"positions must be 'original' or 'renumbered', got {self.positions!r}")
+        if self.keep is not None and self.keep < 0:
+            raise ValueError(f"keep (image tokens kept) must be >= 0, got {self.keep}")
 
     @abstractmethod
     def criterion(self) -> Criterion:
@@ -78,7 +81,7 @@ class OneStageMethod(Method):
             Stage(
                 layer=self.layer,
                 criterion=self.criterion(),
-                budget=Keep.fraction_of_original(1.0 - self.ratio),
+                budget=Keep.fraction_of_original(1.0 - self.ratio) if self.keep is None else Keep.count(self.keep),
                 scoring=self.scoring,
                 positions=self.positions,
             )
