@@ -106,3 +106,53 @@ def test_a_refer_folder_whose_instances_lack_annotations_is_one_line(tmp_path, c
     instances.write_text(json.dumps(content))
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "is not a COCO instances file" in capsys.readouterr().err
+
+
+def test_hostile_data_is_counted_with_its_reason_and_never_crashes(small_model_dir, tmp_path):
+    """An empty image file, a decompression bomb, a box outside the image, a zero-size image entry, a duplicate
+    sample id and an expression that is not UTF-8, in one refer folder beside good samples."""
+    import pickle
+
+    from PIL import Image
+
+    data = write_refer(tmp_path / "data", n_refs=8)  # refs 0..6 are val, two sentences each
+    folder, images = data / "refcoco", data / "images" / "mscoco" / "images" / "train2014"
+    instances = json.loads((folder / "instances.json").read_text())
+    refs = pickle.loads((folder / "refs(unc).p").read_bytes())
+    name = lambda i: instances["images"][i]["file_name"]  # noqa: E731
+    (images / name(0)).write_bytes(b"")  # an empty file
+    Image.new("1", (14_000, 14_000)).save(images / name(1), format="PNG")  # 196 Mpx: twice PIL's bomb limit
+    instances["annotations"][2]["bbox"] = [150.0, 20.0, 400.0, 40.0]  # far past the right edge
+    instances["images"][3]["width"] = 0
+    refs[4]["sentences"][1]["sent_id"] = refs[4]["sentences"][0]["sent_id"]  # the same sample id twice
+    refs[5]["sentences"][0]["sent"] = b"caf\xe9 on the left"  # Latin-1 bytes
+    (folder / "instances.json").write_text(json.dumps(instances))
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs))
+
+    out = tmp_path / "out"
+    assert main(eval_args(small_model_dir, data, out, "--method", "fastv")) == 0
+    records = load_records(out)
+    assert len(records) == 14  # every sentence of the 7 val refs, the duplicate included
+    errors = {r["id"]: r["error"] for r in records if r["error"]}
+    reasons = {error.split(":")[0] for error in errors.values()}
+    assert reasons == {
+        "UnidentifiedImageError",
+        "DecompressionBombError",
+        "box outside the image",
+        "ValueError",  # zero-width image: no box can be normalized
+        "duplicate sample id",
+        "expression not UTF-8",
+    }
+    assert sum(not r["error"] for r in records) == 14 - len(errors) >= 4
+    summary = scored(out)["refcoco"]
+    assert summary["errors"] == len(errors) and sum(summary["errors_by_reason"].values()) == len(errors)
+
+
+def test_a_parquet_file_without_a_needed_column_is_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"image": None, "bbox": [1, 2, 3, 4]}]), tmp_path / "data" / "val-0.parquet")
+    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--out", "o"]) == 2
+    assert "has no answer column" in capsys.readouterr().err

@@ -18,7 +18,16 @@ from PIL import Image
 from vlmprune.errors import VlmpruneError
 from vlmprune.extras import import_extra
 
-__all__ = ["LOADERS", "RefSample", "load_hf_parquet", "load_ocid_ref", "load_refer", "load_task", "open_image_ref"]
+__all__ = [
+    "LOADERS",
+    "RefSample",
+    "checked",
+    "load_hf_parquet",
+    "load_ocid_ref",
+    "load_refer",
+    "load_task",
+    "open_image_ref",
+]
 
 
 @dataclass
@@ -38,6 +47,7 @@ class RefSample:
     image_size: tuple[int, int] | None
     open_image: Callable[[], Image.Image] = field(repr=False)
     meta: dict = field(default_factory=dict)
+    problem: str | None = None  # bad data found when loading ("kind: detail"); the sample is counted, not run
 
 
 def _file_opener(path: Path) -> Callable[[], Image.Image]:
@@ -56,9 +66,50 @@ def _bytes_opener(data: bytes) -> Callable[[], Image.Image]:
     return open_
 
 
-def _xywh_to_normalized(box: list[float], width: float, height: float) -> tuple[float, float, float, float]:
-    x, y, w, h = box
+def _xywh_to_normalized(box: list[float], width: float, height: float) -> tuple[float, float, float, float] | None:
+    """A COCO [x, y, w, h] pixel box normalized to the image, or None if the image has no size or the box is not
+    four numbers."""
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return None
+    if not width or not height or width <= 0 or height <= 0:
+        return None
     return x / width, y / height, (x + w) / width, (y + h) / height
+
+
+def checked(samples: list[RefSample]) -> list[RefSample]:
+    """`samples` with bad data marked in `problem` (each is then counted with its reason, never run).
+
+    Marks an expression that is not text (bytes that are not UTF-8 are shown with replacement characters), a box
+    outside the image or empty, and a sample id seen before (renamed `id#dup<k>` so that no record replaces
+    another's).
+    """
+    seen: dict[tuple[str, str], int] = {}
+    for sample in samples:
+        if isinstance(sample.expression, bytes):
+            try:
+                sample.expression = sample.expression.decode("utf-8")
+            except UnicodeDecodeError:
+                sample.expression = sample.expression.decode("utf-8", errors="replace")
+                sample.problem = "expression not UTF-8: " + sample.expression[:40]
+        elif not isinstance(sample.expression, str) or not sample.expression.strip():
+            sample.problem = f"no expression: {sample.expression!r}"
+            sample.expression = str(sample.expression)
+        box = sample.box
+        if box is not None and (min(box) < -_EDGE or max(box) > 1 + _EDGE or box[2] <= box[0] or box[3] <= box[1]):
+            sample.problem = sample.problem or f"box outside the image: {[round(v, 3) for v in box]}"
+        key = (sample.task, sample.id)
+        if key in seen:
+            seen[key] += 1
+            sample.problem = sample.problem or f"duplicate sample id: {sample.id}"
+            sample.id = f"{sample.id}#dup{seen[key]}"
+        else:
+            seen[key] = 0
+    return samples
+
+
+_EDGE = 0.01  # boxes may overrun the image by a rounding pixel or so
 
 
 REFER_SPLITS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
@@ -108,7 +159,7 @@ def load_refer(
             raise VlmpruneError(
                 f"{folder}: ref {ref.get('ref_id')} names image {ref.get('image_id')}, not in instances.json"
             )
-        width, height = info["width"], info["height"]
+        width, height = info.get("width") or 0, info.get("height") or 0
         bbox = boxes.get(ref["ann_id"])
         box = _xywh_to_normalized(bbox, width, height) if bbox else None
         path = image_dir / info["file_name"]
@@ -139,12 +190,18 @@ def load_hf_parquet(path: str | Path, task: str = "refcoco", split: str = "val")
         raise VlmpruneError(f"no {split}*.parquet files under {path}")
     samples = []
     for file in files:
-        for row_index, row in enumerate(pq.read_table(file).to_pylist()):
+        table = pq.read_table(file)
+        missing = sorted({"image", "bbox", "answer"} - set(table.column_names))
+        if missing:
+            raise VlmpruneError(
+                f"{file} has no {', '.join(missing)} column (an lmms-lab RefCOCO parquet file has them)"
+            )
+        for row_index, row in enumerate(table.to_pylist()):
             image_bytes = (row.get("image") or {}).get("bytes")
             opener = _bytes_opener(image_bytes) if image_bytes else _missing(f"{file}#{row_index}")
             width, height = _size_of(image_bytes)
             bbox = row.get("bbox")
-            box = _xywh_to_normalized(bbox, width, height) if bbox and width else None
+            box = _xywh_to_normalized(bbox, width, height) if bbox else None
             answers = row.get("answer") or []
             for k, expression in enumerate(answers if isinstance(answers, list) else [answers]):
                 samples.append(
@@ -235,13 +292,13 @@ def load_task(task: str, root: str | Path, split: str = "val") -> list[RefSample
     """Samples of `task` found under `root`, whichever standard layout it holds."""
     root = Path(root)
     if task == "ocid-ref":
-        return load_ocid_ref(root, split)
+        return checked(load_ocid_ref(root, split))
     if task not in REFER_SPLITS:
         raise VlmpruneError(f"unknown task {task!r}; available: {', '.join(LOADERS)}")
     if (root / task / "instances.json").exists():
-        return load_refer(root, task, split)
+        return checked(load_refer(root, task, split))
     if any(root.rglob(f"{split}*.parquet")):
-        return load_hf_parquet(root, task, split)
+        return checked(load_hf_parquet(root, task, split))
     raise VlmpruneError(
         f"no {task} data under {root}: expected {root / task}/instances.json (refer layout) or {split}*.parquet files"
     )

@@ -199,12 +199,18 @@ def run_grounding(
             for sample in batch:
                 record = _base_record(sample, fmt, config.method_name)
                 try:
+                    if sample.problem:
+                        raise _BadData(sample.problem)
                     if sample.box is None:
                         raise ValueError("the annotation has no box")
                     image = sample.open_image()
+                    if min(image.size) < 1:
+                        raise _BadData(f"empty image: {image.size[0]}x{image.size[1]} pixels")
                     record["image_size"] = list(image.size)
                     ready.append((sample, image, record))
-                except (OSError, ValueError, SyntaxError) as error:
+                except _BadData as problem:
+                    record["error"] = str(problem)
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                     record["error"] = f"{type(error).__name__}: {error}"
                 records.append(record)
             if ready:
@@ -216,6 +222,10 @@ def run_grounding(
             ran += len(batch)
             progress(len(batch))
     return ran
+
+
+class _BadData(Exception):
+    """Bad data found before running a sample; its message is "kind: detail"."""
 
 
 def _base_record(sample: RefSample, fmt: GroundingFormat, method: str) -> dict[str, Any]:
