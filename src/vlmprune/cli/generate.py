@@ -57,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
 
     prompt = build_prompt(processor, args.prompt)
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if prompt.count(image_token) != 1:
+        raise CommandError(
+            f"the prompt does not fit the image: it has {prompt.count(image_token)} {image_token} placeholders "
+            "for the one --image"
+        )
     try:
         inputs = processor(images=image, text=prompt, return_tensors="pt").to(model.device)
     except ValueError as error:  # e.g. two <image> placeholders for the one --image
