@@ -289,3 +289,14 @@ def test_baseline_methods_pass_their_parameters_to_the_criterion():
 def test_baseline_methods_reject_bad_parameters(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_random_per_sample_draws_differ_between_samples_with_the_same_tokens():
+    ids = _full(8, 8)
+    ctx = _ctx([ids, ids], [[(8, 8)], [(8, 8)]])
+    shared = kept_positions(RandomScore(seed=1).select(ctx, [10, 10]))
+    assert torch.equal(shared[0], shared[1])
+    own = kept_positions(RandomScore(seed=1, per_sample=True).select(ctx, [10, 10]))
+    assert not torch.equal(own[0], own[1])
+    again = kept_positions(RandomScore(seed=1, per_sample=True).select(ctx, [10, 10]))
+    assert all(torch.equal(a, b) for a, b in zip(own, again, strict=True))

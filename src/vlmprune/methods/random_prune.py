@@ -25,6 +25,7 @@ class RandomPrune(OneStageMethod):
 
     layer: int = 0
     seed: int = 0
+    per_sample: bool = False  # each sample of a batch draws its own scores (see `RandomScore`)
 
     def criterion(self) -> Criterion:
-        return RandomScore(seed=self.seed)
+        return RandomScore(seed=self.seed, per_sample=self.per_sample)
