@@ -68,6 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--batch-size", type=int, default=32, metavar="N")
     evaluate.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run)
 
     export = actions.add_parser(
@@ -187,7 +188,12 @@ def _eval(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         raise CommandError(f"cannot load testbed model {path}: {error}") from None
     start = time.time()
-    result = evaluate(model, processor, split=args.split, limit=args.limit, batch_size=args.batch_size)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=2 * args.limit, desc="testbed eval", unit="question", disable=args.no_progress) as bar:
+        result = evaluate(
+            model, processor, split=args.split, limit=args.limit, batch_size=args.batch_size, progress=bar.update
+        )
     print(f"model: {path}")
     print(f"split: {args.split}, scenes: {result.n} ({time.time() - start:.1f} s)")
     prior = prior_baseline(split=args.split, limit=args.limit)

@@ -128,11 +128,12 @@ def evaluate(
     limit: int = 200,
     batch_size: int = 32,
     run_pruned: Callable[[Callable[[], list[str]]], list[str]] | None = None,
+    progress: Callable[[int], None] = lambda _: None,
 ) -> EvalResult:
     """Both accuracies of `model` on the first `limit` scenes of `split` (`limit` questions of each family).
 
     `run_pruned`, if given, wraps each batch's generation (e.g. inside `vlmprune.prune`); it receives a
-    function returning the answers and returns them.
+    function returning the answers and returns them. `progress` is told how many questions each batch answered.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -153,6 +154,7 @@ def evaluate(
 
             answers = run_pruned(run_batch) if run_pruned is not None else run_batch()
             pairs += [(question, answer) for (_, question), answer in zip(chunk, answers, strict=True)]
+            progress(len(chunk))
     finally:
         model.train(was_training)
     return _score(pairs, limit)
