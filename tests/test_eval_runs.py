@@ -156,3 +156,14 @@ def test_a_parquet_file_without_a_needed_column_is_one_line(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist([{"image": None, "bbox": [1, 2, 3, 4]}]), tmp_path / "data" / "val-0.parquet")
     assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--out", "o"]) == 2
     assert "has no answer column" in capsys.readouterr().err
+
+
+def test_pictures_of_a_run_name_the_parameters_it_changed(small_model_dir, tmp_path):
+    from vlmprune.cli.viz import _method_label
+
+    data = write_refer(tmp_path / "data", n_refs=2)
+    out = tmp_path / "out"
+    assert main(eval_args(small_model_dir, data, out, "--method", "fastv", "--param", "ratio=0.75")) == 0
+    assert _method_label(str(out / "samples.jsonl"), "fastv") == "fastv (ratio=0.75)"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"]["ratio"] == 0.75 and summary["params"]["layer"] == 2  # every parameter recorded

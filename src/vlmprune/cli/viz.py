@@ -168,7 +168,7 @@ def _run_dir(args: argparse.Namespace) -> int:
             [s["layer"] for s in summary["stages"]],
             vertical=[s["mean_vertical_position"] for s in summary["stages"]],
             samples=[s["samples"] for s in summary["stages"]],
-            title=f"How often each image token is kept — {methods[0]} on {tasks}",
+            title=f"How often each image token is kept — {_method_label(path, methods[0])} on {tasks}",
         )
         _save(figure, os.path.join(out, "heatmap.png"))
         for drawn, record in enumerate(usable[: args.samples]):
@@ -184,6 +184,22 @@ def _run_dir(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise CommandError(str(error)) from None
     return 0
+
+
+def _method_label(records_path: str, method: str) -> str:
+    """`method` and the parameters its run changed from the defaults, read from the run's manifest."""
+    from vlmprune.errors import VlmpruneError
+    from vlmprune.eval.runner import MANIFEST
+    from vlmprune.methods import method_parameters
+
+    try:
+        with open(os.path.join(os.path.dirname(records_path), MANIFEST)) as handle:
+            params = json.load(handle)["params"]
+        defaults = json.loads(json.dumps(method_parameters(method), default=str))
+    except (OSError, ValueError, KeyError, TypeError, VlmpruneError):
+        return method
+    changed = ", ".join(f"{key}={value}" for key, value in params.items() if defaults.get(key) != value)
+    return f"{method} ({changed or 'defaults'})"
 
 
 def _parse_box(text: str) -> list[float]:
