@@ -96,6 +96,7 @@ class Trace:
             model's output sequence to its column in the input sequence (-1 for padding). Pruned calls return
             fewer rows than the input had; the last row is always each sample's last token.
         calls: number of prefills traced since the context was entered.
+        method: the method's name and every one of its parameters, so that a saved trace says what made it.
     """
 
     stages: list[StageRecord] = field(default_factory=list)
@@ -104,6 +105,7 @@ class Trace:
     image_tokens_per_layer: torch.Tensor | None = None
     output_index: torch.Tensor | None = None
     calls: int = 0
+    method: dict = field(default_factory=dict)  # {"name": ..., "params": {every parameter}} of the pruning method
 
     def reset(self) -> None:
         self.stages = []
@@ -119,6 +121,7 @@ class Trace:
             return None if tensor is None else tensor.tolist()
 
         return {
+            "method": self.method,
             "stages": [
                 {
                     "layer": s.layer,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,7 +74,9 @@ class PruningSession:
         self.method = method
         self.adapter = adapter
         self.stages: list[Stage] = method.stages()
-        self.trace = Trace()
+        self.trace = Trace(
+            method={"name": getattr(method, "name", type(method).__name__), "params": _parameters(method)}
+        )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._input_ids: torch.Tensor | None = None
         self._vision_features: torch.Tensor | None = None
@@ -424,3 +428,10 @@ class PruningSession:
             run.step_kwargs[s] = step
         kwargs.update(run.step_kwargs[s])
         return args, kwargs
+
+
+def _parameters(method: Method) -> dict[str, Any]:
+    """Every field of `method` as JSON values (tuples as lists); {} for a method that is not a dataclass."""
+    if not dataclasses.is_dataclass(method):
+        return {}
+    return json.loads(json.dumps({f.name: getattr(method, f.name) for f in dataclasses.fields(method)}, default=str))

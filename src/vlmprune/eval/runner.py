@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def run_identity(model: torch.nn.Module, method: Method | None, config: EvalConf
         k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
     }
     digest = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    params = {f.name: getattr(method, f.name) for f in fields(method)} if method is not None else {}
+    params = {f.name: getattr(method, f.name) for f in fields(method)} if is_dataclass(method) else {}
     return json.loads(
         json.dumps(
             {
