@@ -93,3 +93,9 @@ def write_ocid_ref(root: Path, n: int = 3) -> Path:
         }
     (root / "val_expressions.json").write_text(json.dumps(expressions))
     return root
+
+
+def eval_args(model_dir, data, out, *extra) -> list[str]:
+    """`vlmprune eval` arguments for one refcoco folder: small batches, short answers, no progress bar."""
+    where = ["--model", model_dir, "--tasks", "refcoco", "--data", str(data), "--out", str(out)]
+    return ["eval", *where, "--batch-size", "2", "--max-new-tokens", "8", "--no-progress", *extra]

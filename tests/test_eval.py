@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from eval_data import write_hf_parquet, write_ocid_ref, write_refer
+from eval_data import eval_args, write_hf_parquet, write_ocid_ref, write_refer
 from vlmprune.cli.main import main
 from vlmprune.eval.boxes import center_inside, from_frame, iou, parse_normalized_box, parse_pixel_box, to_frame
 from vlmprune.eval.data import load_hf_parquet, load_ocid_ref, load_refer, load_task
@@ -95,26 +95,6 @@ def test_ocid_ref_layout(tmp_path):
 # ---- the runner ---------------------------------------------------------------------------------------------------
 
 
-def _eval_args(model_dir, data, out, *extra):
-    return [
-        "eval",
-        "--model",
-        model_dir,
-        "--tasks",
-        "refcoco",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-new-tokens",
-        "8",
-        "--no-progress",
-        *extra,
-    ]
-
-
 def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
@@ -122,7 +102,7 @@ def _records(out: Path) -> list[dict]:
 def test_eval_reports_bad_data_and_writes_traces(small_model_dir, tmp_path, capsys):
     data = write_refer(tmp_path / "data", broken=True)
     out = tmp_path / "out"
-    assert main(_eval_args(small_model_dir, data, out, "--method", "fastv", "--param", "ratio=0.75")) == 0
+    assert main(eval_args(small_model_dir, data, out, "--method", "fastv", "--param", "ratio=0.75")) == 0
     records = _records(out)
     errors = [r for r in records if r["error"]]
     assert len(records) == 10 and len(errors) == 6  # missing image, corrupt image, no box: 2 sentences each
@@ -138,12 +118,12 @@ def test_eval_reports_bad_data_and_writes_traces(small_model_dir, tmp_path, caps
 def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(small_model_dir, tmp_path):
     data = write_refer(tmp_path / "data", n_refs=9)  # 16 val samples
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert main(_eval_args(small_model_dir, data, whole, "--method", "feather", "--param", "layers=[2,4]")) == 0
+    assert main(eval_args(small_model_dir, data, whole, "--method", "feather", "--param", "layers=[2,4]")) == 0
     command = [
         sys.executable,
         "-m",
         "vlmprune.cli.main",
-        *_eval_args(small_model_dir, data, resumed, "--method", "feather", "--param", "layers=[2,4]"),
+        *eval_args(small_model_dir, data, resumed, "--method", "feather", "--param", "layers=[2,4]"),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jsonl = resumed / "samples.jsonl"
@@ -154,7 +134,7 @@ def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(small_model_dir, t
     process.wait()
     partial = len(jsonl.read_text().splitlines())
     assert 4 <= partial < 16, "the run was not interrupted mid-way"
-    assert main(_eval_args(small_model_dir, data, resumed, "--method", "feather", "--param", "layers=[2,4]")) == 0
+    assert main(eval_args(small_model_dir, data, resumed, "--method", "feather", "--param", "layers=[2,4]")) == 0
     assert _records(resumed) == _records(whole)
     assert (
         json.loads((resumed / "summary.json").read_text())["tasks"]
@@ -169,7 +149,7 @@ def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(small_model_dir, t
 def test_two_processes_give_the_single_process_summary(small_model_dir, tmp_path):
     data = write_refer(tmp_path / "data", n_refs=6)
     single, parallel = tmp_path / "single", tmp_path / "parallel"
-    assert main(_eval_args(small_model_dir, data, single, "--method", "fastv")) == 0
+    assert main(eval_args(small_model_dir, data, single, "--method", "fastv")) == 0
     launcher = str(Path(sys.executable).parent / "accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -187,7 +167,7 @@ def test_two_processes_give_the_single_process_summary(small_model_dir, tmp_path
             "no",
             "-m",
             "vlmprune.cli.main",
-            *_eval_args(small_model_dir, data, parallel, "--method", "fastv"),
+            *eval_args(small_model_dir, data, parallel, "--method", "fastv"),
         ],
         capture_output=True,
         text=True,

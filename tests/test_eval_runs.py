@@ -8,25 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from eval_data import write_refer
+from eval_data import eval_args, write_refer
 from vlmprune.cli.main import main
 from vlmprune.eval.runner import load_records
-
-
-def eval_args(model_dir, data, out, *extra):
-    return [
-        "eval",
-        "--model",
-        model_dir,
-        "--tasks",
-        "refcoco",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
 
 
 def scored(out: Path) -> dict:
@@ -38,7 +22,7 @@ def scored(out: Path) -> dict:
     [
         (["--method", "fastv", "--param", "ratio=0.5"], ["--method", "fastv", "--param", "ratio=0.9"], "params.ratio"),
         (["--method", "fastv"], ["--method", "random"], "method: 'fastv' -> 'random'"),
-        (["--method", "fastv"], ["--method", "fastv", "--max-new-tokens", "8"], "max_new_tokens"),
+        (["--method", "fastv"], ["--method", "fastv", "--max-new-tokens", "6"], "max_new_tokens"),
     ],
 )
 def test_resuming_with_other_settings_is_refused_and_overwrite_starts_afresh(
