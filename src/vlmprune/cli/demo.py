@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
             f"{r.method:14s} {r.localization_acc:8.3f} {r.other_acc:9.3f} {r.flops_reduction:10.0%} "
             f"{speed:>18s} {vertical:>28s}"
         )
-    print(f"prefill: median and range over {args.timing_rounds} interleaved timing rounds on this machine")
     prior = prior_baseline(limit=args.limit)
     print(f"{'(blind)':14s} {prior.localization_acc:8.3f} {prior.other_acc:9.3f}   answering without the image")
+    print(f"prefill: median (and range) over {args.timing_rounds} interleaved timing rounds on this machine")
     if args.json:  # first: the table must not depend on the picture
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2, default=str) + "\n")
         print(f"\ntable: {args.json}")
