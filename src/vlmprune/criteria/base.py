@@ -15,6 +15,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from vlmprune.tensors import on_device
+
 __all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext", "keep_top", "kept_positions"]
 
 QueryPolicy = Literal["last", "text_mean"]
@@ -62,8 +64,8 @@ class SelectionContext:
         return self.image_ids >= 0
 
     def budgets_tensor(self, budgets: list[int]) -> torch.Tensor:
-        """(batch, 1) LongTensor of `budgets`, on the slots' device (a host-to-device copy, no wait)."""
-        return torch.tensor(budgets, device=self.image_ids.device).unsqueeze(1)
+        """(batch, 1) LongTensor of `budgets`, on the slots' device (a queued host-to-device copy, no wait)."""
+        return on_device(budgets, self.image_ids.device).unsqueeze(1)
 
     def attention(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False) -> torch.Tensor:
         """(batch, m) float32 attention each present image token receives at the stage's scoring layer.

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmprune.criteria.base import Criterion, SelectionContext
+from vlmprune.tensors import on_device
 
 __all__ = ["Ensemble"]
 
@@ -41,7 +42,7 @@ class Ensemble(Criterion):
         order = self.ranking(ctx)
         if order is None:
             raise ValueError("Ensemble(top_up=True) needs a member that ranks tokens (e.g. Attention)")
-        counts = torch.tensor(ctx.counts, device=union.device)
+        counts = on_device(ctx.counts, union.device)
         target = torch.minimum(sum(p.sum(dim=1) for p in picks), counts)  # (batch,)
         missing = (target - union.sum(dim=1)).unsqueeze(1)
         # Walk the ranking: the first `missing` present tokens not yet kept are added.

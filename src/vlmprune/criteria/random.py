@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmprune.criteria.base import ScoredCriterion, SelectionContext
+from vlmprune.tensors import on_device
 
 __all__ = ["RandomScore"]
 
@@ -38,5 +39,5 @@ class RandomScore(ScoredCriterion):
         else:  # each sample draws from the same seed: it picks the same tokens alone or in any batch
             draws = {n: torch.rand(n, generator=torch.Generator().manual_seed(seed)) for n in set(ctx.n_original)}
             table = torch.nn.utils.rnn.pad_sequence([draws[n] for n in ctx.n_original], batch_first=True)
-        table = table.to(ctx.image_ids.device)  # a host-to-device copy: nothing waits
+        table = on_device(table, ctx.image_ids.device)
         return torch.gather(table, 1, ctx.image_ids.clamp(min=0))

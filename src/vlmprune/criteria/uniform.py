@@ -9,6 +9,7 @@ import torch
 
 from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.errors import BudgetError
+from vlmprune.tensors import on_device
 
 __all__ = ["Uniform"]
 
@@ -56,7 +57,7 @@ class Uniform(Criterion):
         if self.stride is None:
             return self._select_budget(ctx, budgets)
         tables = [_on_grid(tuple(grids), self.stride) for grids in ctx.image_grids]
-        table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(ctx.image_ids.device)
+        table = on_device(torch.nn.utils.rnn.pad_sequence(tables, batch_first=True), ctx.image_ids.device)
         return torch.gather(table, 1, ctx.image_ids.clamp(min=0)) & ctx.present
 
     def counts(self, ctx: SelectionContext, budgets: list[int]) -> list[int] | None:

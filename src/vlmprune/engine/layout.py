@@ -9,6 +9,7 @@ import torch
 from transformers import masking_utils
 
 from vlmprune.errors import VlmpruneError
+from vlmprune.tensors import on_device
 
 __all__ = ["Layout", "attention_mask_for", "compact", "gather_rows"]
 
@@ -64,7 +65,7 @@ def compact(mask: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.
     """
     width = max(counts, default=0)
     order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=mask.device) < torch.tensor(counts, device=mask.device)[:, None]
+    valid = torch.arange(width, device=mask.device) < on_device(counts, mask.device)[:, None]
     return order.masked_fill(~valid, 0), valid
 
 

@@ -27,6 +27,7 @@ from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
 from vlmprune.methods.base import Method
 from vlmprune.stage import Stage
+from vlmprune.tensors import on_device
 from vlmprune.trace import StageRecord, StageTimer, Trace
 
 __all__ = ["PruningSession"]
@@ -342,7 +343,7 @@ class PruningSession:
         n_real = [real - image + kept for real, image, kept in zip(layout.n_real, layout.n_image, n_kept, strict=True)]
         width = max(n_real)
         # Row r of sample b goes to column (its rank among the kept rows) + (the sample's left padding).
-        pad = width - torch.tensor(n_real, device=device)[:, None]
+        pad = width - on_device(n_real, device)[:, None]
         destination = torch.where(kept_rows, kept_rows.long().cumsum(dim=1) - 1 + pad, width)
         rows = torch.arange(n, device=device).expand(batch, n)
         index = torch.zeros(batch, width + 1, dtype=torch.long, device=device).scatter(1, destination, rows)
@@ -359,7 +360,7 @@ class PruningSession:
         else:
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
-            shift = torch.tensor([a - b for a, b in zip(original.n_real, n_real, strict=True)], device=device)
+            shift = on_device([a - b for a, b in zip(original.n_real, n_real, strict=True)], device)
         config = self.adapter.text_config
         reduced = Layout(
             source=source,

@@ -3,6 +3,8 @@
 On a GPU each such call stalls the CPU until every queued kernel has run, which serialises the launch-bound
 forward of a small batch. On the CPU they cost nothing, but they can still be counted: `HostSyncCounter` sees
 every torch call made inside it (a `TorchFunctionMode`) and counts those that would wait on an accelerator.
+It cannot see one kind: a blocking host-to-device copy (`torch.tensor(values, device="cuda")`), which waits for
+the stream on a GPU and not on the CPU; the engine makes those with `vlmprune.tensors.on_device` instead.
 """
 
 from __future__ import annotations
