@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 exec .venv/bin/vlmprune bench --shape llava-cpu-mid --methods fastv,pdrop,feather --batch 1,8 \
-    --repeats 5 --warmup 1 --new-tokens 16 --device cpu --dtype float32 --attn sdpa --out benchmarks/results/cpu "$@"
+    --repeats 10 --warmup 1 --new-tokens 16 --device cpu --dtype float32 --attn sdpa --out benchmarks/results/cpu "$@"
