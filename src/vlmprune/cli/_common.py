@@ -163,12 +163,10 @@ def run_data(args: argparse.Namespace) -> dict[str, object]:
 
 def check_scored(records: list[dict]) -> None:
     """`CommandError` if every sample errored: a table of zeros is not a result."""
+    from vlmprune.eval.runner import error_reasons
+
     if records and all(record.get("error") for record in records):
-        reasons: dict[str, int] = {}
-        for record in records:
-            reason = record["error"].split(":", 1)[0]
-            reasons[reason] = reasons.get(reason, 0) + 1
-        listed = ", ".join(f"{reason} x{count}" for reason, count in reasons.items())
+        listed = ", ".join(f"{reason} x{count}" for reason, count in error_reasons(records).items())
         first = records[0]["error"]
         raise CommandError(f"every one of the {len(records)} samples failed ({listed}; e.g. {first}): nothing scored")
 

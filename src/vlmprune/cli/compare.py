@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "method": name,
-                "params": dict(vars(method)) if method is not None else {},
+                "params": method.parameters() if method is not None else {},
                 "flops_reduction": reduction,
                 "localization": {task: entry["acc@0.5"] for task, entry in summary.items()},
                 "other": _other_tasks(args, model, processor, method, out),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,7 +74,7 @@ class PruningSession:
         self.adapter = adapter
         self.stages: list[Stage] = method.stages()
         self.trace = Trace(
-            method={"name": getattr(method, "name", type(method).__name__), "params": _parameters(method)}
+            method={"name": getattr(method, "name", type(method).__name__), "params": method.parameters()}
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._input_ids: torch.Tensor | None = None
@@ -361,7 +359,6 @@ class PruningSession:
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
             shift = on_device([a - b for a, b in zip(original.n_real, n_real, strict=True)], device)
-        config = self.adapter.text_config
         reduced = Layout(
             source=source,
             valid=valid,
@@ -370,9 +367,9 @@ class PruningSession:
             position_embeddings=position_embeddings,
             n_real=n_real,
             n_image=list(n_kept),
-            mask=attention_mask_for(config, valid, width, hidden.dtype, padded=min(n_real) < width),
             decode_shift=shift,
         )
+        reduced.mask = attention_mask_for(self.adapter.text_config, valid, width, hidden.dtype, padded=reduced.padded)
         return reduced, index
 
     def _vision_features_of(self, run: _Prefill) -> Any:
@@ -429,10 +426,3 @@ class PruningSession:
             run.step_kwargs[s] = step
         kwargs.update(run.step_kwargs[s])
         return args, kwargs
-
-
-def _parameters(method: Method) -> dict[str, Any]:
-    """Every field of `method` as JSON values (tuples as lists); {} for a method that is not a dataclass."""
-    if not dataclasses.is_dataclass(method):
-        return {}
-    return json.loads(json.dumps({f.name: getattr(method, f.name) for f in dataclasses.fields(method)}, default=str))

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,16 @@ from vlmprune.eval.data import RefSample
 from vlmprune.eval.prompts import GroundingFormat, grounding_format_for
 from vlmprune.methods.base import Method
 
-__all__ = ["MANIFEST", "EvalConfig", "clear_run", "load_records", "run_grounding", "run_identity", "summarize"]
+__all__ = [
+    "MANIFEST",
+    "EvalConfig",
+    "clear_run",
+    "error_reasons",
+    "load_records",
+    "run_grounding",
+    "run_identity",
+    "summarize",
+]
 
 THRESHOLDS = (0.25, 0.3, 0.5, 0.7)
 MANIFEST = "run.json"
@@ -84,12 +93,11 @@ def run_identity(model: torch.nn.Module, method: Method | None, config: EvalConf
         k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
     }
     digest = hashlib.sha256(json.dumps(model_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    params = {f.name: getattr(method, f.name) for f in fields(method)} if is_dataclass(method) else {}
     return json.loads(
         json.dumps(
             {
                 "method": config.method_name,
-                "params": params,
+                "params": method.parameters() if method is not None else {},
                 "model": getattr(model.config, "_name_or_path", ""),
                 "model_config_sha256": digest,
                 "data": config.data,
@@ -289,6 +297,16 @@ def _normalize_pixels(box, processor, inputs, b: int):
     return normalized if all(0.0 <= v <= 1.0 for v in normalized) else None
 
 
+def error_reasons(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many of `records` errored for each reason (the text before an error's first colon)."""
+    reasons: dict[str, int] = {}
+    for record in records:
+        if record.get("error"):
+            reason = record["error"].split(":", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per task: samples, errors, unparsed answers, Acc@IoU thresholds, mean IoU and centre accuracy.
 
@@ -303,15 +321,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         scored = [r for r in rows if not r.get("error")]
         n = max(len(scored), 1)
         ious = [r["iou"] or 0.0 for r in scored]
-        reasons: dict[str, int] = {}
-        for r in rows:
-            if r.get("error"):
-                reason = r["error"].split(":", 1)[0]
-                reasons[reason] = reasons.get(reason, 0) + 1
         entry = {
             "samples": len(rows),
             "errors": len(rows) - len(scored),
-            "errors_by_reason": reasons,
+            "errors_by_reason": error_reasons(rows),
             "unparsed": sum(r["pred_box"] is None for r in scored),
             **{f"acc@{t:g}": sum(v >= t for v in ious) / n for t in THRESHOLDS},
             "mean_iou": sum(ious) / n,

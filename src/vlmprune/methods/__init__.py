@@ -114,8 +114,8 @@ def _coerce(key: str, value: object, hint: object) -> object:
             raise ParameterError(f"{key} must be a list such as [8, 16], got {value!r}")
         if args and args[-1] is not Ellipsis and len(args) != len(value):
             raise ParameterError(f"{key} must have {len(args)} elements, got {value!r}")
-        element = (lambda i: args[0]) if args and args[-1] is Ellipsis else (lambda i: args[i] if args else None)
-        return tuple(_coerce(key, v, element(i)) for i, v in enumerate(value))
+        hints = [args[0]] * len(value) if args and args[-1] is Ellipsis else list(args) or [None] * len(value)
+        return tuple(_coerce(key, v, h) for v, h in zip(value, hints, strict=True))
     return value
 
 

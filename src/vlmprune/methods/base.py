@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from vlmprune.budget import Keep
 from vlmprune.criteria.base import Criterion
@@ -46,6 +48,13 @@ class Method(ABC):
     @abstractmethod
     def stages(self) -> list[Stage]:
         """The pruning stages, in increasing layer order."""
+
+    def parameters(self) -> dict[str, Any]:
+        """Every parameter (dataclass field) with its value, as JSON values (tuples become lists); {} if none."""
+        if not dataclasses.is_dataclass(self):
+            return {}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.loads(json.dumps(values, default=str))
 
 
 @dataclass

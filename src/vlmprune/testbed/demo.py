@@ -139,7 +139,7 @@ def run_demo(
             records[name] = traces
         row = DemoRow(
             method=name,
-            params={} if method is None else {k: v for k, v in vars(method).items()},
+            params={} if method is None else method.parameters(),
             localization_acc=result.localization_acc,
             other_acc=result.other_acc,
             flops_reduction=reduction,
