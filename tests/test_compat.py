@@ -61,7 +61,7 @@ def test_a_decode_step_on_a_cache_vlmprune_never_filled_is_a_clear_error(models,
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
         with (
             pytest.raises(
-                vlmprune.VlmpruneError, match=rf"recorded no prefill.*transformers {transformers.__version__}"
+                vlmprune.VlmpruneError, match=rf"its last prefill did not fill.*transformers {transformers.__version__}"
             ),
             vlmprune.prune(model, vlmprune.build_method("fastv")),
         ):

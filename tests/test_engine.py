@@ -78,6 +78,22 @@ def test_greedy_generation_equals_masked_reference(models, make_inputs, backend,
     assert torch.equal(generated, expected)
 
 
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_generation_on_a_static_cache_equals_masked_reference(models, make_inputs, backend, case):
+    """A static cache's layers each keep their own (pruned) length; decoding masks the slots they do not use."""
+    model = models[backend]
+    name, params = METHOD_CASES[case]
+    method = vlmprune.build_method(name, **params)
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        generated = model.generate(**inputs, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    expected = reference_greedy(
+        model, inputs, trace, renumber_flags(method, model.config.text_config.num_hidden_layers), 8
+    )
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], expected)
+
+
 @pytest.mark.parametrize("case", list(METHOD_CASES))
 def test_padded_batch_equals_samples_run_alone(models, make_inputs, case):
     model = models["sdpa"]

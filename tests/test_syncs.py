@@ -64,7 +64,8 @@ def test_pruning_adds_no_host_sync_that_grows_with_the_batch_or_the_stages(model
         prefill, decode = count_syncs(model, inputs, method)
         added = prefill.total - unpruned_prefill.total
         assert added == allowance, f"batch {batch}: {prefill.places - unpruned_prefill.places}"
-        assert decode.total == unpruned_decode.total, f"batch {batch}: {decode.places - unpruned_decode.places}"
+        # At most the unpruned step's: pruning at layer 0 even spares the model's check of the caller's mask.
+        assert decode.total <= unpruned_decode.total, f"batch {batch}: {decode.places - unpruned_decode.places}"
 
 
 def test_the_counter_sees_the_calls_that_wait_for_the_device():

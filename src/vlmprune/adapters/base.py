@@ -22,6 +22,8 @@ class ModelAdapter(ABC):
 
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
+    #: the multimodal forward's arguments that carry images: a call with one is a new prompt, never a decode step
+    image_arguments: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -60,6 +62,10 @@ class ModelAdapter(ABC):
         return self.text_model.config
 
     # Image tokens ------------------------------------------------------------------------------------------
+
+    def has_images(self, forward_kwargs: dict) -> bool:
+        """Whether a multimodal forward with these keyword arguments was given images."""
+        return any(forward_kwargs.get(name) is not None for name in self.image_arguments)
 
     @abstractmethod
     def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -117,8 +123,10 @@ class ModelAdapter(ABC):
         """(cos, sin) for `position_ids`, as the decoder stack computes them."""
         return self.text_model.rotary_emb(hidden, position_ids=position_ids)
 
-    def default_position_ids(self, batch: int, length: int, past: int, device: torch.device) -> torch.Tensor:
-        """The position ids the decoder stack uses when the caller passes none."""
+    def default_position_ids(
+        self, batch: int, length: int, past: int | torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """The position ids the decoder stack uses when the caller passes none (`past` may be a device scalar)."""
         return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
 
 

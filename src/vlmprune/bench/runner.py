@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,6 +70,22 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
+@contextmanager
+def _compiled(model: nn.Module, options: dict[str, Any]) -> Iterator[None]:
+    """Compiles `model.forward` for the block (each variant's hooks get their own graphs, hence the larger limit)."""
+    model.forward = torch.compile(model.forward, dynamic=False, **options)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            yield
+    finally:
+        del model.forward  # the class's forward again
+        torch._dynamo.reset()
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return "forward" in vars(model)
+
+
 def _cache_bytes(cache: Any) -> int:
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -89,14 +105,27 @@ def run_benchmark(
     repeats: int = 5,
     warmup: int = 1,
     log: Callable[[str], None] = lambda _: None,
+    compile_options: dict[str, Any] | None = None,
 ) -> list[BenchResult]:
-    """Times every variant on `inputs`; the first variant is the baseline the speed-ups are relative to."""
+    """Times every variant on `inputs`; the first variant is the baseline the speed-ups are relative to.
+
+    With `compile_options` (arguments of `torch.compile`, e.g. `{"mode": "reduce-overhead"}` for CUDA graphs) the
+    model's forward is compiled with the pruning hooks inside it, and `generate` decodes on a static cache through
+    that compiled forward: vlmprune's documented compiled path, for prefill and decode alike.
+    """
+    if compile_options is not None:
+        with _compiled(model, compile_options):
+            return run_benchmark(
+                model, inputs, variants, shape, new_tokens=new_tokens, repeats=repeats, warmup=warmup, log=log
+            )
     device = next(model.parameters()).device
     batch = int(inputs["input_ids"].shape[0])
     default_attn = model.config._attn_implementation
     samples: dict[str, dict[str, list[float]]] = {v.label: {"prefill": [], "e2e": [], "scoring": []} for v in variants}
     facts: dict[str, dict[str, Any]] = {v.label: {} for v in variants}
     generate_kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    if _is_compiled(model):  # decode through the compiled forward (not transformers' own compile) on a static cache
+        generate_kwargs |= {"cache_implementation": "static", "disable_compile": True}
 
     with torch.inference_mode():
         for round_ in range(warmup + repeats):

@@ -46,6 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     parser.add_argument("--no-original-fastv", action="store_true", help="skip the original-FastV reference")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the forward with the pruning hooks inside (CUDA graphs on CUDA: mode reduce-overhead) and "
+        "decode on a static cache through it; every variant compiles its own graphs first (minutes)",
+    )
     parser.add_argument("--out", default=None, metavar="DIR", help="write bench.json and bench.md there")
     parser.set_defaults(run=run)
 
@@ -113,6 +119,12 @@ def _build(args: argparse.Namespace, batch: int):
     return model, inputs, shape
 
 
+def _compile_options(args: argparse.Namespace) -> dict | None:
+    if not args.compile:
+        return None
+    return {"mode": "reduce-overhead"} if args.device.startswith("cuda") else {}
+
+
 def _memory_bytes(device) -> int | None:
     import torch
 
@@ -166,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             log=lambda line, b=batch: print(f"[batch {b}] {line}", flush=True),
+            compile_options=_compile_options(args),
         )
         rows.extend(r.to_dict() for r in results)
         del model
@@ -186,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         (out / "bench.json").write_text(
             json.dumps({"config": config, "environment": environment, "results": rows}, indent=2) + "\n"
         )
-        header = f"# vlmprune bench: {args.shape}, {args.dtype}, {args.attn}, {args.device} ({device_name})\n\n"
+        setting = ", ".join([args.shape, args.dtype, args.attn] + (["compiled"] if args.compile else []))
+        header = f"# vlmprune bench: {setting}, {args.device} ({device_name})\n\n"
         (out / "bench.md").write_text(header + table + "\n")
         print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0

@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 from transformers import Cache
@@ -23,6 +24,8 @@ __all__ = [
     "TEXT_MODEL_ARGUMENTS",
     "check_accepts",
     "find_cache",
+    "guard_hooks_under_compile",
+    "static_capacity",
     "transformers_version",
 ]
 
@@ -47,6 +50,31 @@ def find_cache(*containers: Iterable[Any] | Mapping[str, Any] | None) -> Cache |
             if isinstance(value, Cache):
                 return value
     return None
+
+
+def guard_hooks_under_compile() -> None:
+    """Makes torch.compile see the pruning hooks: compiled code is checked against the hooks it was traced with.
+
+    By default Dynamo does not guard on module hooks (`skip_nnmodule_hook_guards`), so a forward compiled before
+    `prune()` would run unpruned inside it, and one compiled inside would keep pruning after it. The first call
+    turns those guards on for the process and drops code compiled without them (`torch._dynamo.reset()`); later
+    sessions find it on and cost nothing.
+    """
+    config = torch._dynamo.config
+    if config.skip_nnmodule_hook_guards:
+        config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+
+
+def static_capacity(cache: Cache | None) -> int | None:
+    """Keys per layer a static (compilable) cache holds, unused slots included; None for a cache that grows.
+
+    A static cache's layers each keep their own length (transformers >= 5.0), so pruned layers hold fewer tokens.
+    """
+    if cache is None or not cache.is_compileable:
+        return None
+    capacity, _ = cache.layers[0].get_mask_sizes(1)
+    return int(capacity)
 
 
 def check_accepts(module: nn.Module, names: Iterable[str], role: str) -> None:

@@ -11,7 +11,7 @@ from transformers import masking_utils
 from vlmprune.errors import VlmpruneError
 from vlmprune.tensors import on_device
 
-__all__ = ["Layout", "attention_mask_for", "compact", "gather_rows"]
+__all__ = ["Layout", "attention_mask_for", "compact", "gather_rows", "valid_keys_of"]
 
 
 @dataclass
@@ -43,6 +43,11 @@ class Layout:
     @property
     def is_original(self) -> bool:
         return self.position_embeddings is None
+
+    @property
+    def width(self) -> int:
+        """Rows per sample, padding included."""
+        return self.valid.shape[1]
 
     @property
     def padded(self) -> bool:
@@ -80,36 +85,74 @@ def gather_rows(tensor: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torc
 
 
 def attention_mask_for(
-    config: Any, valid_keys: torch.Tensor, query_length: int, dtype: torch.dtype, padded: bool | None
+    config: Any,
+    valid_keys: torch.Tensor,
+    query_length: int,
+    dtype: torch.dtype,
+    padded: bool | None,
+    query_start: int | torch.Tensor | None = None,
 ) -> Any:
-    """The causal attention mask for the last `query_length` of the keys, in the format `config`'s backend takes.
+    """The causal attention mask of `query_length` queries over `valid_keys`, in the format `config`'s backend takes.
 
-    `valid_keys` is (batch, kv) bool, False for padding keys. `padded` says whether any key is padding, from
-    host-side counts so that choosing the format does not wait for the device; None when the host does not know:
-    eager and sdpa then get the full mask (right either way), flash attention asks the device.
+    `valid_keys` is (batch, kv) bool, False for padding keys. Query i sits at key `query_start + i`: by default the
+    queries are the last keys; a static cache's keys run past them to its capacity, and the unused slots are
+    excluded by causality (`query_start` may then be a device scalar, so that a compiled decode step reads no
+    changing host value). `padded` says whether a key the queries can reach is padding, from host-side counts so
+    that choosing the format does not wait for the device; None when the host does not know: eager and sdpa then
+    get the full mask (right either way), flash attention asks the device.
 
     The format is that of the mask function transformers registers for the backend (`AttentionMaskInterface`):
-    eager gets an additive float mask and sdpa a bool mask, each (batch, 1, q, kv), or None for sdpa when plain
-    causal attention is the same; flash attention gets the 2-D padding mask, or None without padding. The mask
-    is built here rather than by calling the registered function, whose arguments have changed between
-    transformers releases.
+    eager gets an additive float mask and sdpa a bool mask, each (batch, 1, q, kv), or None for sdpa when its own
+    causal path (top-left aligned) is the same; flash attention gets the 2-D padding mask, or None without
+    padding. The mask is built here rather than by calling the registered function, whose arguments have changed
+    between transformers releases.
     """
     kind = _mask_kind(config._attn_implementation)
+    device = valid_keys.device
     kv_length = valid_keys.shape[1]
-    if padded is None:
-        padded = not bool(valid_keys.all()) if kind == "flash" else True
-    all_valid = not padded
+    if query_start is None:
+        query_start = kv_length - query_length
+    static_start = isinstance(query_start, int)
     if kind == "flash":
-        return None if all_valid else valid_keys
-    if kind == "sdpa" and all_valid and query_length in (1, kv_length):
-        return None  # sdpa's own causal path (or no mask for one query) attends to exactly these keys
-    query_at = torch.arange(kv_length - query_length, kv_length, device=valid_keys.device)
-    causal = torch.arange(kv_length, device=valid_keys.device)[None, :] <= query_at[:, None]  # (q, kv)
+        if static_start and query_start + query_length == kv_length:
+            if padded is None:
+                padded = not bool(valid_keys.all())
+            return valid_keys if padded else None
+        return valid_keys & (torch.arange(kv_length, device=device) < query_start + query_length)
+    if padded is None:
+        padded = True
+    if kind == "sdpa" and not padded and static_start:
+        if (query_start == 0 and query_length > 1) or query_length == kv_length:
+            return None  # sdpa's is_causal: query i sees keys 0..i, and a static cache's unused slots lie beyond
+        if query_length == 1 and query_start == kv_length - 1:
+            return None  # one query that sees every key
+    query_at = torch.arange(query_length, device=device) + query_start
+    causal = torch.arange(kv_length, device=device)[None, :] <= query_at[:, None]  # (q, kv)
     allowed = (causal[None] & valid_keys[:, None, :])[:, None]  # (batch, 1, q, kv)
     if kind == "eager":
         return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
     # A padding query sees no key; let it see every key so no torch version's sdpa kernel returns NaN for it.
     return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def valid_keys_of(attention_mask: Any, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """(batch, length) bool, False for the prompt's padding tokens, from the mask the decoder stack was given.
+
+    That is the caller's 2-D mask, None (no padding), or the 4-D mask `generate` builds for a static cache: a key
+    is real when the prompt's last query may attend to it (with left or right padding, that query sees every real
+    key; the first rows may have been unmasked entirely to keep sdpa from returning NaN).
+    """
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
+        raise VlmpruneError(
+            f"vlmprune needs a (batch, seq) attention mask or transformers' (batch, 1, query, key) one, got "
+            f"{type(attention_mask).__name__}"
+        )
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -length:].bool()
+    last_query = attention_mask[:, 0, -1, :length]
+    return last_query if last_query.dtype == torch.bool else last_query == 0
 
 
 def _mask_kind(implementation: str) -> str:

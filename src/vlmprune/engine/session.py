@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
@@ -18,9 +19,11 @@ from vlmprune.engine.compat import (
     TEXT_MODEL_ARGUMENTS,
     check_accepts,
     find_cache,
+    guard_hooks_under_compile,
+    static_capacity,
     transformers_version,
 )
-from vlmprune.engine.layout import Layout, attention_mask_for, compact, gather_rows
+from vlmprune.engine.layout import Layout, attention_mask_for, compact, gather_rows, valid_keys_of
 from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
 from vlmprune.methods.base import Method
@@ -47,11 +50,17 @@ class _Prefill:
     full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     vision_features: torch.Tensor | None = None
     probes: dict[int, AttentionProbe] = field(default_factory=dict)
-    generated: int = 0  # tokens fed after the prefill, the current step's included
-    step_mask: torch.Tensor | None = None  # (batch, generated) validity of those tokens
-    step_padded: bool | None = None  # whether step_mask holds a False; None if not known on the host
-    step_position_ids: torch.Tensor | None = None
-    step_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    capacity: int | None = None  # a static cache's length per layer (keys beyond what it holds are unused)
+    decoding: bool = False  # a decode step has run on this prefill's cache
+    # Dynamic cache: the tokens fed after the prefill (a host count), their validity, whether one is padding.
+    generated: int = 0
+    step_mask: torch.Tensor | None = None
+    step_padded: bool | None = None
+    # Static cache: the same count as a device scalar, so that a compiled decode step never reads a changing host
+    # value, and per layout the validity of every cache slot (batch, capacity).
+    fed: torch.Tensor | None = None
+    slot_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    step_kwargs: dict[int, dict[str, Any]] = field(default_factory=dict)  # per layout, the current step's arguments
 
     @property
     def current(self) -> Layout:
@@ -78,6 +87,7 @@ class PruningSession:
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._input_ids: torch.Tensor | None = None
+        self._new_images = False  # whether the current multimodal call got images: a new prompt, not a decode step
         self._vision_features: torch.Tensor | None = None
         self._run: _Prefill | None = None
         self._validate()
@@ -87,6 +97,9 @@ class PruningSession:
         for s, stage in enumerate(self.stages):
             if stage.needs_attention:
                 self._scored_at_layer.setdefault(stage.scoring_layer, []).append(s)
+        self._first_hooked_layer = min(min(self._scored_at_layer, default=depth), self.stages[0].layer)
+        # layers where a prefill does more than pass the current rows' arguments on
+        self._prefill_work_at = {self._first_hooked_layer, *self._scored_at_layer, *self._stage_at_layer}
         # index of the layout each layer runs on (0 = the original sequence)
         self._layout_of_layer = [sum(stage.layer <= i for stage in self.stages) for i in range(depth)]
 
@@ -117,13 +130,13 @@ class PruningSession:
             check_accepts(adapter.multimodal_module, MULTIMODAL_ARGUMENTS, "the multimodal model")
             check_accepts(adapter.text_model, TEXT_MODEL_ARGUMENTS, "the decoder stack")
             check_accepts(adapter.layers[0], LAYER_ARGUMENTS, "a decoder layer")
+            guard_hooks_under_compile()
             self._hook(adapter.multimodal_module, self._on_multimodal)
             self._hook(adapter.text_model, self._on_text_model)
             self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
             if any("vision_features" in s.criterion.requires for s in self.stages):
                 self._hook(adapter.vision_feature_module, self._on_vision_features)
-            first = min(min(self._scored_at_layer, default=self.stages[0].layer), self.stages[0].layer)
-            for i in range(first, adapter.num_layers):
+            for i in range(self._first_hooked_layer, adapter.num_layers):
                 self._hook(adapter.layers[i], self._layer_hook(i))
         except BaseException:
             self.remove()  # no hook outlives a failed install
@@ -137,6 +150,7 @@ class PruningSession:
         _ACTIVE.discard(self.model)
         self._run = None
         self._input_ids = None
+        self._new_images = False
         self._vision_features = None
 
     def _hook(self, module: nn.Module, fn: Any) -> None:
@@ -146,6 +160,7 @@ class PruningSession:
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._new_images = self.adapter.has_images(kwargs)
 
     def _on_vision_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._vision_features = args[0] if args else next(iter(kwargs.values()))
@@ -155,43 +170,36 @@ class PruningSession:
         if embeds is None:
             raise VlmpruneError("vlmprune expects the language model to receive inputs_embeds (a VLM forward)")
         cache = find_cache(kwargs, args)  # by type: transformers has renamed its argument before
-        past = cache.get_seq_length() if cache is not None else 0
-        if past == 0:
-            self._start_prefill(embeds, kwargs, cache)
-            return None
         run = self._run
-        if run is None or run.cache is not cache:
+        # A decode step continues the cache this session's prefill filled; told apart without reading the cache's
+        # length, which a static cache keeps on the device.
+        if run is not None and cache is not None and run.cache is cache and not self._new_images:
+            return args, self._start_decode_step(embeds, kwargs)
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        if past:
             raise VlmpruneError(
-                f"vlmprune got a decode step on a KV cache holding {past} tokens but recorded no prefill that "
-                "filled it: prefill the prompt inside the same `vlmprune.prune` block (pass the cache the pruned "
-                f"prefill returned). If you did, transformers {transformers_version()} passes the cache in a way "
-                "this vlmprune does not know: run `vlmprune env` and report its output"
+                f"vlmprune got a forward on a KV cache that already holds {past} tokens its last prefill did not fill: "
+                "prefill the prompt inside the same `vlmprune.prune` block and decode from the cache it returned (a "
+                "new prompt with images on a filled cache is not supported). If you did, transformers "
+                f"{transformers_version()} passes the cache in a way this vlmprune does not know: run `vlmprune env` "
+                "and report its output"
             )
-        return args, self._start_decode_step(embeds, kwargs)
+        self._start_prefill(embeds, kwargs, cache)
+        return None
 
     def _layer_hook(self, index: int) -> Any:
+        prefill_work = index in self._prefill_work_at
+
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             run = self._run
             if run is None:
                 return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if run.generated:
+            if run.decoding:
                 return self._decode_layer(index, args, kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if prefill_work:
+                hidden = self._prefill_layer(index, module, hidden, kwargs)
             layout = run.current
-            if layout.is_original and run.full_position_embeddings is None:
-                cos, sin = kwargs["position_embeddings"]
-                batch = hidden.shape[0]
-                run.full_position_embeddings = (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
-            # A stage scored by its own layer ("after") sees that layer's input before the cut; a stage scored by an
-            # earlier layer sees the rows that layer really runs on, after any stage applied at it.
-            scored_here = self._scored_at_layer.get(index, ())
-            for s in (s for s in scored_here if self.stages[s].layer == index):
-                run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, self._embeddings_of(layout))
-            if index in self._stage_at_layer:
-                hidden = self._apply_stage(self._stage_at_layer[index], hidden)
-                layout = run.current
-            for s in (s for s in scored_here if self.stages[s].layer != index):
-                run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, self._embeddings_of(layout))
             if layout.is_original:
                 return None
             kwargs.update(
@@ -206,13 +214,37 @@ class PruningSession:
 
         return hook
 
+    @torch.compiler.disable  # selection and its records run eagerly between compiled stretches of layers
+    def _prefill_layer(self, index: int, module: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """At a layer that scores or prunes: keeps the probes it scores for, applies its stage; returns its rows."""
+        run = self._run
+        layout = run.current
+        if layout.is_original and run.full_position_embeddings is None:
+            cos, sin = kwargs["position_embeddings"]
+            batch = hidden.shape[0]
+            run.full_position_embeddings = (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+        # A stage scored by its own layer ("after") sees that layer's input before the cut; a stage scored by an
+        # earlier layer sees the rows that layer really runs on, after any stage applied at it.
+        scored_here = self._scored_at_layer.get(index, ())
+        for s in (s for s in scored_here if self.stages[s].layer == index):
+            run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, self._embeddings_of(layout))
+        if index in self._stage_at_layer:
+            hidden = self._apply_stage(self._stage_at_layer[index], hidden)
+            layout = run.current
+        for s in (s for s in scored_here if self.stages[s].layer != index):
+            run.probes[s] = AttentionProbe(self.adapter, module, hidden, layout, self._embeddings_of(layout))
+        return hidden
+
     def _embeddings_of(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run.full_position_embeddings if layout.is_original else layout.position_embeddings
 
     def _after_text_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         run = self._run
-        if run is None or run.generated:
-            return
+        if run is not None and not run.decoding:
+            self._finish_prefill(run, output)
+
+    @torch.compiler.disable
+    def _finish_prefill(self, run: _Prefill, output: Any) -> None:
         layouts = [run.layouts[s] for s in self._layout_of_layer]  # the layout each decoder layer ran on
         self.trace.tokens_per_layer = torch.tensor([layout.n_real for layout in layouts]).T
         self.trace.image_tokens_per_layer = torch.tensor([layout.n_image for layout in layouts]).T
@@ -223,9 +255,12 @@ class PruningSession:
             run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
             self._run = None  # no cache to decode from: every call is a prefill
+        elif run.capacity is not None:
+            self._prepare_static_decode(run)
 
     # Prefill -----------------------------------------------------------------------------------------------
 
+    @torch.compiler.disable  # the prefill's one host read, and records: run eagerly under torch.compile
     def _start_prefill(self, embeds: torch.Tensor, kwargs: dict, cache: Any) -> None:
         self._run = None
         input_ids = self._input_ids
@@ -233,14 +268,7 @@ class PruningSession:
         if input_ids is None or tuple(input_ids.shape) != (batch, length):
             raise VlmpruneError("vlmprune needs the prompt's input_ids (not only inputs_embeds) to find image tokens")
         image_mask = self.adapter.image_token_mask(input_ids)
-        attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() != 2:
-            raise VlmpruneError("vlmprune needs a 2-D (batch, seq) attention_mask, got a pre-built 4-D mask")
-        valid = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
-        )
+        valid = valid_keys_of(kwargs.get("attention_mask"), batch, length, embeds.device)
         # The prefill's one wait for the device: every later count is derived from these on the host.
         n_image, n_real = torch.stack([image_mask.sum(dim=1), valid.sum(dim=1)]).tolist()
         if min(n_image) == 0:
@@ -271,6 +299,7 @@ class PruningSession:
             length=length,
             cache=cache,
             vision_features=self._vision_features,
+            capacity=static_capacity(cache),
         )
         self._vision_features = None
 
@@ -369,7 +398,10 @@ class PruningSession:
             n_image=list(n_kept),
             decode_shift=shift,
         )
-        reduced.mask = attention_mask_for(self.adapter.text_config, valid, width, hidden.dtype, padded=reduced.padded)
+        valid_keys = valid if run.capacity is None else F.pad(valid, (0, run.capacity - width), value=False)
+        reduced.mask = attention_mask_for(
+            self.adapter.text_config, valid_keys, width, hidden.dtype, padded=reduced.padded, query_start=0
+        )
         return reduced, index
 
     def _vision_features_of(self, run: _Prefill) -> Any:
@@ -380,49 +412,77 @@ class PruningSession:
 
     # Decode ------------------------------------------------------------------------------------------------
 
+    def _prepare_static_decode(self, run: _Prefill) -> None:
+        """Device state that a static cache's decode steps update in place (so a compiled step can capture it)."""
+        device = run.layouts[0].valid.device
+        run.fed = torch.zeros((), dtype=torch.long, device=device)
+        run.slot_valid = {
+            s: F.pad(layout.valid, (0, run.capacity - layout.width), value=True)
+            for s, layout in enumerate(run.layouts)
+            if s > 0
+        }
+        for state in (run.fed, *run.slot_valid.values()):
+            torch._dynamo.mark_static_address(state)  # as transformers does for its static cache: CUDA graphs keep it
+
     def _start_decode_step(self, embeds: torch.Tensor, kwargs: dict) -> dict:
+        """Prepares a decode step of `q` tokens: each pruned layout's mask over its own cache, and positions.
+
+        With a static cache nothing here reads a host value that changes from step to step, so that transformers'
+        compiled decoding (`generate` with a static cache) traces this once.
+        """
         run = self._run
+        run.decoding = True
         batch, q = embeds.shape[:2]
-        past_generated = run.generated
-        run.generated += q
-        run.step_kwargs.clear()
+        config, dtype = self.adapter.text_config, embeds.dtype
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None:
-            run.step_mask = attention_mask[:, -run.generated :].bool()
-            run.step_padded = None  # the caller's mask may hold zeros: unknown without asking the device
+        if attention_mask is not None and attention_mask.dim() != 2:
+            attention_mask = None  # transformers' 4-D mask (generate with a static cache): new tokens are never padding
+        if run.capacity is None:
+            past = run.generated
+            run.generated += q
+            if attention_mask is not None:
+                run.step_mask = attention_mask[:, -run.generated :].bool()
+                run.step_padded = None  # the caller's mask may hold zeros: unknown without asking the device
+            else:
+                run.step_mask = torch.ones(batch, run.generated, dtype=torch.bool, device=embeds.device)
+                run.step_padded = False
         else:
-            run.step_mask = torch.ones(batch, run.generated, dtype=torch.bool, device=embeds.device)
-            run.step_padded = False
+            past = run.fed
+            new_slots = torch.arange(q, device=embeds.device) + run.fed
+            if attention_mask is not None:
+                for s, slots in run.slot_valid.items():
+                    columns = (new_slots + run.layouts[s].width).expand(batch, q)
+                    slots.scatter_(1, columns, attention_mask[:, -q:].bool())
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
-            position_ids = self.adapter.default_position_ids(batch, q, run.length + past_generated, embeds.device)
-        run.step_position_ids = position_ids
+            position_ids = self.adapter.default_position_ids(batch, q, run.length + past, embeds.device)
         kwargs["position_ids"] = position_ids
-        if self.stages[0].layer == 0:  # layer 0's cache is pruned: size the model's own mask to it
-            kwargs["attention_mask"] = torch.cat([run.layouts[1].valid, run.step_mask], dim=1)
+        run.step_kwargs = {}
+        for s in range(1, len(run.layouts)):
+            layout = run.layouts[s]
+            if run.capacity is None:
+                valid_keys = torch.cat([layout.valid, run.step_mask], dim=1)
+                mask = attention_mask_for(config, valid_keys, q, dtype, padded=layout.padded or run.step_padded)
+            else:
+                start = run.fed + layout.width
+                mask = attention_mask_for(config, run.slot_valid[s], q, dtype, padded=True, query_start=start)
+            step = {"attention_mask": mask}
+            if layout.decode_shift is not None:
+                shifted = position_ids - layout.decode_shift.view(-1, *([1] * (position_ids.dim() - 1)))
+                step["position_ids"] = shifted
+                step["position_embeddings"] = self.adapter.position_embeddings(embeds, shifted)
+            run.step_kwargs[s] = step
+        if run.fed is not None:
+            run.fed.add_(q)
+        if self.stages[0].layer == 0:
+            # Every layer runs on a pruned layout with a mask of its own: the model's mask over the original
+            # sequence would be sized against the pruned cache, so let it build none from the caller's.
+            kwargs["attention_mask"] = None
         return kwargs
 
     def _decode_layer(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        run = self._run
         s = self._layout_of_layer[index]
         if s == 0:
             return None
-        if s not in run.step_kwargs:
-            layout = run.layouts[s]
-            hidden = args[0] if args else kwargs["hidden_states"]
-            valid_keys = torch.cat([layout.valid, run.step_mask], dim=1)
-            padded = True if layout.padded else run.step_padded
-            step = {
-                "attention_mask": attention_mask_for(
-                    self.adapter.text_config, valid_keys, hidden.shape[1], hidden.dtype, padded=padded
-                )
-            }
-            if layout.decode_shift is not None:
-                shifted = run.step_position_ids - layout.decode_shift.view(
-                    -1, *([1] * (run.step_position_ids.dim() - 1))
-                )
-                step["position_ids"] = shifted
-                step["position_embeddings"] = self.adapter.position_embeddings(hidden, shifted)
-            run.step_kwargs[s] = step
-        kwargs.update(run.step_kwargs[s])
+        kwargs.update(self._run.step_kwargs[s])
         return args, kwargs
