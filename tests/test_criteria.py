@@ -159,7 +159,7 @@ def test_knn_ranks_the_cluster_centres_first_and_outliers_last():
     order = KnnDensity(k=5).ranking(ctx)[0].tolist()
     assert order[:2] == [0, 7]
     assert set(order[-3:]) == {14, 15, 16}
-    assert kept_positions(KnnDensity(k=5).select(ctx, [2]))[0].tolist() == [0, 7]
+    assert kept_positions(KnnDensity(k=5, shrink_k=False).select(ctx, [2]))[0].tolist() == [0, 7]
 
 
 def test_knn_scores_only_the_present_tokens_in_their_order():
@@ -232,8 +232,10 @@ def test_ensemble_top_up_fills_to_the_sum_of_member_counts_from_the_scored_order
 # --- Keep --------------------------------------------------------------------------------------------------
 
 
-def test_keep_floors_fractions():
-    assert Keep.fraction_of_original(0.29).resolve(100, 100) == 29
+def test_keep_rounds_fractions_by_its_rounding():
+    assert Keep.fraction_of_original(0.29).resolve(100, 100) == 28  # int(28.999999999999996), as official codes
+    assert Keep.fraction_of_original(0.29, rounding="floor").resolve(100, 100) == 29
+    assert Keep.fraction_of_original(0.29, rounding="round").resolve(100, 100) == 29
     assert Keep.fraction_of_original(0.5).resolve(577, 577) == 288
     assert Keep.fraction_of_current(0.5).resolve(576, 101) == 50
     assert Keep.count(7).resolve(576, 10) == 7
@@ -255,8 +257,8 @@ def test_keep_refuses_more_tokens_than_present():
         (RandomPrune(), 0, 0.5, RandomScore),
         (RandomPrune(layer=2, ratio=0.75, seed=4), 2, 0.25, RandomScore),
         (UniformPrune(), 3, 0.25, Uniform),
-        (KnnPrune(), 3, 0.25, KnnDensity),
-        (KnnPrune(layer=0, ratio=0.6, k=3), 0, 0.4, KnnDensity),
+        (KnnPrune(keep=None, ratio=0.75), 3, 0.25, KnnDensity),
+        (KnnPrune(layer=0, keep=None, ratio=0.6, k=3), 0, 0.4, KnnDensity),
     ],
 )
 def test_baseline_methods_build_one_stage(method, layer, keep, criterion):
@@ -283,7 +285,7 @@ def test_baseline_methods_pass_their_parameters_to_the_criterion():
         (lambda: UniformPrune(stride=0), "stride"),
         (lambda: UniformPrune(ratio=-0.1), "ratio"),
         (lambda: KnnPrune(k=0), "k"),
-        (lambda: KnnPrune(ratio=1.2), "ratio"),
+        (lambda: KnnPrune(keep=None, ratio=1.2), "ratio"),
     ],
 )
 def test_baseline_methods_reject_bad_parameters(build, message):

@@ -25,7 +25,10 @@ METHOD_CASES = {
     "feather-adjacent-stages": ("feather", {"layers": (2, 3)}),
     "random": ("random", {}),
     "uniform": ("uniform", {"layer": 2}),
-    "knn": ("knn", {"layer": 2}),
+    "pdrop-token-counts": ("pdrop", {"layers": (2, 3, 5), "keep": 15}),
+    "feather-token-counts": ("feather", {"layers": (2, 4), "keep": (30, 12)}),
+    "knn": ("knn", {"layer": 2, "keep": 40}),  # the official 196 needs more image tokens than the tiny model has
+    "knn-ratio": ("knn", {"layer": 2, "keep": None, "ratio": 0.75}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 
@@ -119,7 +122,7 @@ def test_keeping_every_token_changes_nothing(models, make_inputs, backend):
         expected_tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         for method in (
             vlmprune.build_method("fastv", ratio=0.0),
-            vlmprune.build_method("pdrop", layers=(1, 3), keep=(1.0, 1.0), positions="original"),
+            vlmprune.build_method("pdrop", layers=(1, 3), keep_fractions=(1.0, 1.0), positions="original"),
         ):
             with vlmprune.prune(model, method) as trace:
                 logits = model(**inputs).logits

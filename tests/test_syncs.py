@@ -48,8 +48,11 @@ CASES = {
     "feather-top-up": ("feather", {"layers": (2, 4), "top_up": True}, 1),
     "random": ("random", {}, 1),
     "uniform": ("uniform", {"layer": 2}, 1),
-    "knn": ("knn", {"layer": 2}, 1),
+    "knn": ("knn", {"layer": 2, "keep": 40}, 1),
     "fastv-text-mean": ("fastv", {"query": "text_mean"}, 2),
+    "fastv-all": ("fastv", {"query": "all"}, 1),
+    "pdrop-keep": ("pdrop", {"layers": (2, 3, 5), "keep": 20}, 1),
+    "feather-keep": ("feather", {"layers": (2, 4), "keep": (30, 12)}, 2),
 }
 
 

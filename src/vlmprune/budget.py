@@ -8,9 +8,31 @@ from typing import Literal
 
 from vlmprune.errors import BudgetError
 
-__all__ = ["Keep"]
+__all__ = ["ROUNDINGS", "Keep", "Rounding", "round_budget"]
+
+Rounding = Literal["int", "round", "floor"]
+ROUNDINGS: tuple[str, ...] = ("int", "round", "floor")
 
 _EPS = 1e-6  # so that 0.29 * 100 counts as 29, not 28.999999999999996 -> 28
+
+
+def round_budget(x: float, rounding: Rounding) -> int:
+    """A token count from the float product `x` (a fraction times a count), as an official code rounds it.
+
+    - "int": Python's `int(x)`, truncation of the float product, as PyramidDrop (`int(N * ratio)`), FEATHER
+      (`int(len(image_indices) * ratio)`) and FastV's lmms-eval drop-in do: `int(2880 * 0.7) = 2015`, since
+      the product is 2015.9999999999998.
+    - "round": Python's `round(x)`, to the nearest integer with halves to the even one, as FastV's llava-hf fork
+      does (`round(576 * (1 - 0.7)) = 173`, where "int" gives 172).
+    - "floor": the floor of the exact decimal product, `floor(x + 1e-6)`: 2016 for 2880 at 0.7.
+    """
+    if rounding == "int":
+        return int(x)
+    if rounding == "round":
+        return round(x)
+    if rounding == "floor":
+        return math.floor(x + _EPS)
+    raise BudgetError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
 
 
 @dataclass(frozen=True)
@@ -19,16 +41,19 @@ class Keep:
 
     `of="original"` is a fraction of the sample's image-token count before any pruning (PyramidDrop's
     ratios), `of="current"` a fraction of the tokens still present when the stage runs (FEATHER's second
-    stage), `of="count"` an absolute number. Fractions are floored, as every official implementation does
-    (`int(576 * 0.5) = 288`).
+    stage), `of="count"` an absolute number. A fraction times a count is turned into a count by `rounding`
+    (see `round_budget`); each method uses its official code's rounding ("int" unless it says otherwise).
     """
 
     value: float
     of: Literal["original", "current", "count"] = "original"
+    rounding: Rounding = "int"
 
     def __post_init__(self) -> None:
         if self.of not in ("original", "current", "count"):
             raise BudgetError(f"Keep.of must be 'original', 'current' or 'count', got {self.of!r}")
+        if self.rounding not in ROUNDINGS:
+            raise BudgetError(f"Keep.rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {self.rounding!r}")
         if self.of == "count":
             if self.value < 0 or int(self.value) != self.value:
                 raise BudgetError(f"an absolute budget must be a non-negative integer, got {self.value}")
@@ -36,12 +61,12 @@ class Keep:
             raise BudgetError(f"a budget fraction must be in [0, 1], got {self.value}")
 
     @classmethod
-    def fraction_of_original(cls, fraction: float) -> Keep:
-        return cls(fraction, "original")
+    def fraction_of_original(cls, fraction: float, rounding: Rounding = "int") -> Keep:
+        return cls(fraction, "original", rounding)
 
     @classmethod
-    def fraction_of_current(cls, fraction: float) -> Keep:
-        return cls(fraction, "current")
+    def fraction_of_current(cls, fraction: float, rounding: Rounding = "int") -> Keep:
+        return cls(fraction, "current", rounding)
 
     @classmethod
     def count(cls, n: int) -> Keep:
@@ -53,7 +78,7 @@ class Keep:
             kept = int(self.value)
         else:
             base = n_original if self.of == "original" else n_current
-            kept = math.floor(self.value * base + _EPS)
+            kept = round_budget(self.value * base, self.rounding)
         if kept > n_current:
             raise BudgetError(
                 f"budget {self} asks for {kept} image tokens but only {n_current} are present "

@@ -36,13 +36,13 @@ def match_flops(
     knob, low, high = KNOBS[method.name]
     if method.name == "uniform":
         method = replace(method, stride=None)  # a fixed stride ignores the budget
-    if getattr(method, "keep", None) is not None and knob == "ratio":
-        method = replace(method, keep=None)  # a token count would override the ratio being matched
+    # token counts and explicit fractions override the knob being matched: drop them with each candidate
+    overrides = {f: None for f in ("keep", "keep_fractions") if getattr(method, f, None) is not None}
     best, best_gap = method, float("inf")
     for i in range(round((high - low) / 0.001) + 1):
         value = round(low + 0.001 * i, 3)
         try:
-            candidate = replace(method, **{knob: value})
+            candidate = replace(method, **overrides, **{knob: value})
             reduction = estimate(shape, TokenSchedule.from_method(candidate, shape, text_tokens), formula).reduction
         except (BudgetError, ValueError):
             continue

@@ -19,9 +19,10 @@ from vlmprune.tensors import on_device
 
 __all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext", "keep_top", "kept_positions"]
 
-QueryPolicy = Literal["last", "text_mean"]
+QueryPolicy = Literal["last", "text_mean", "all"]
 SoftmaxDomain = Literal["sequence", "image", "none"]
-AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool], torch.Tensor]
+ScoreDtype = Literal["model", "float32"]
+AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool, ScoreDtype], torch.Tensor]
 
 
 @dataclass
@@ -67,19 +68,27 @@ class SelectionContext:
         """(batch, 1) LongTensor of `budgets`, on the slots' device (a queued host-to-device copy, no wait)."""
         return on_device(budgets, self.image_ids.device).unsqueeze(1)
 
-    def attention(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False) -> torch.Tensor:
-        """(batch, m) float32 attention each present image token receives at the stage's scoring layer.
+    def attention(
+        self,
+        query: QueryPolicy,
+        softmax: SoftmaxDomain,
+        rope: bool,
+        full_map: bool = False,
+        score_dtype: ScoreDtype = "float32",
+    ) -> torch.Tensor:
+        """(batch, m) attention each present image token receives at the stage's scoring layer.
 
         The query's attention probabilities (or raw logits with `softmax="none"`), averaged over heads (and over
-        query tokens for `query="text_mean"`); 0 in padding slots. Computed once per policy and shared by every
-        criterion of the stage. With `full_map` the whole attention map is computed first (the cost of eager
-        `output_attentions`).
+        query tokens for `query="text_mean"` and `"all"`); 0 in padding slots. In float32, or with
+        `score_dtype="model"` in the model's dtype, rounded where the official codes round (see
+        `AttentionProbe`). Computed once per policy and shared by every criterion of the stage. With `full_map`
+        the whole attention map is computed first (the cost of eager `output_attentions`).
         """
         if self.attention_fn is None:
             raise RuntimeError("this stage has no scoring layer: the criterion needs LLM attention")
-        key = ("attention", query, softmax, rope, full_map)
+        key = ("attention", query, softmax, rope, full_map, score_dtype)
         if key not in self._cache:
-            self._cache[key] = self.attention_fn(query, softmax, rope, full_map)
+            self._cache[key] = self.attention_fn(query, softmax, rope, full_map, score_dtype)
         return self._cache[key]
 
     def vision_features(self) -> torch.Tensor:

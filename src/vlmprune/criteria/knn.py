@@ -8,7 +8,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from vlmprune.criteria.base import ScoredCriterion, SelectionContext
+from vlmprune.criteria.base import ScoredCriterion, SelectionContext, keep_top
+from vlmprune.tensors import on_device
 
 __all__ = ["KnnDensity"]
 
@@ -27,6 +28,10 @@ class KnnDensity(ScoredCriterion):
       d (`delta_fallback="global"`, the code) or its own row's max (`"row"`, the paper);
     - score = ρ·δ: high for tokens that are dense and far from any denser token (cluster centres).
 
+    With `shrink_k` (the official `FastVPatchCluster.forward`), a stage that keeps fewer tokens than k uses
+    `min(3, max(c // 2, 1))` neighbours instead, c being the sample's budget: 5 neighbours down to a budget of 5,
+    then 2, 2, 1, 1 for budgets 4 to 1. `scores` and `ranking`, which know no budget, use k.
+
     The official code adds uniform noise of 1e-6 to ρ to break ties; here "denser" compares (ρ, −index)
     lexicographically instead, so on equal densities the earlier token counts as denser and the result is
     deterministic.
@@ -34,6 +39,7 @@ class KnnDensity(ScoredCriterion):
 
     k: int = 5
     delta_fallback: Literal["global", "row"] = "global"
+    shrink_k: bool = True
 
     requires: ClassVar[frozenset[str]] = frozenset({"vision_features"})
 
@@ -43,8 +49,23 @@ class KnnDensity(ScoredCriterion):
         if self.delta_fallback not in ("global", "row"):
             raise ValueError(f"delta_fallback must be 'global' or 'row', got {self.delta_fallback!r}")
 
+    def neighbours(self, budget: int) -> int:
+        """Neighbours per density estimate for a budget of `budget` tokens (the official shrink, if `shrink_k`)."""
+        if self.shrink_k and self.k > budget:
+            return min(3, max(budget // 2, 1))
+        return self.k
+
+    def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
+        scores = self._scores(ctx, [self.neighbours(b) for b in budgets])
+        order = torch.sort(scores.masked_fill(~ctx.present, float("-inf")), dim=1, descending=True, stable=True)
+        return keep_top(order.indices, ctx.budgets_tensor(budgets))
+
     def scores(self, ctx: SelectionContext) -> torch.Tensor:
         """(batch, m) float32 scores ρ·δ of the present tokens, each sample among its own present tokens only."""
+        return self._scores(ctx, [self.k] * ctx.batch_size)
+
+    def _scores(self, ctx: SelectionContext, ks: list[int]) -> torch.Tensor:
+        """As `scores`, sample b's density from its `ks[b]` nearest tokens (host integers)."""
         x = ctx.vision_features().float()  # (batch, m, C)
         batch, m, channels = x.shape
         if m == 0:
@@ -52,8 +73,9 @@ class KnnDensity(ScoredCriterion):
         present = ctx.present
         d = torch.cdist(x, x) / math.sqrt(channels)  # (batch, m, m)
         # With fewer than k present tokens the padding columns come last as +inf and are not counted.
-        nearest = torch.topk(d.masked_fill(~present[:, None, :], float("inf")), min(self.k, m), dim=-1, largest=False)
-        counted = torch.isfinite(nearest.values)
+        nearest = torch.topk(d.masked_fill(~present[:, None, :], float("inf")), min(max(ks), m), dim=-1, largest=False)
+        rank = torch.arange(nearest.values.shape[-1], device=x.device)
+        counted = torch.isfinite(nearest.values) & (rank < on_device(ks, x.device)[:, None, None])
         squared = torch.where(counted, nearest.values, 0.0) ** 2
         density = torch.exp(-squared.sum(dim=-1) / counted.sum(dim=-1).clamp(min=1))
         index = torch.arange(m, device=x.device)

@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
-from vlmprune.criteria.base import QueryPolicy, SoftmaxDomain
+from vlmprune.criteria.base import QueryPolicy, ScoreDtype, SoftmaxDomain
 from vlmprune.engine.layout import Layout, compact, gather_rows
 
 __all__ = ["AttentionProbe"]
+
+_CHUNK = 256  # query rows scored at once by `query="all"`
 
 
 class AttentionProbe:
@@ -38,17 +40,30 @@ class AttentionProbe:
         self.layout = layout
         self.position_embeddings = position_embeddings
 
-    def __call__(self, query: QueryPolicy, softmax: SoftmaxDomain, rope: bool, full_map: bool = False) -> torch.Tensor:
-        """(batch, m) float32 attention received by each image row, in the layout's image slots; 0 in padding.
+    def __call__(
+        self,
+        query: QueryPolicy,
+        softmax: SoftmaxDomain,
+        rope: bool,
+        full_map: bool = False,
+        score_dtype: ScoreDtype = "float32",
+    ) -> torch.Tensor:
+        """(batch, m) attention received by each image row, in the layout's image slots; 0 in padding.
 
         `full_map=True` computes the whole (heads, seq, seq) map and reads the query rows from it, the cost of
-        eager attention with `output_attentions` (original FastV); the scores are the same.
+        eager attention with `output_attentions` (original FastV); the scores are the same. `query="all"` is
+        the attention each image row receives from every other row, averaged over them (see
+        `_received_from_all`). `score_dtype` (see `_head_mean`): "float32" scores in float32; "model" rounds as
+        the official codes do and returns the model's dtype.
         """
         layout, device = self.layout, self.hidden.device
         image_cols, image_valid = layout.image_slots()
+        if query == "all":
+            received = self._received_from_all(softmax, rope, score_dtype)
+            return torch.gather(received, 1, image_cols).masked_fill(~image_valid, 0.0)
         query_cols, query_valid = self._query_rows(query, image_cols, image_valid)
         if full_map:
-            picked = self._from_full_map(query_cols, query_valid, softmax, rope)
+            picked = self._from_full_map(query_cols, query_valid, softmax, rope, score_dtype)
             return torch.gather(picked, 1, image_cols).masked_fill(~image_valid, 0.0)
         if softmax == "sequence":
             n = layout.valid.shape[1]
@@ -59,38 +74,81 @@ class AttentionProbe:
 
         q = self._project("q", query_cols, rope)  # (batch, heads, queries, head_dim)
         k = self._project("k", key_cols, rope)  # (batch, heads, keys, head_dim)
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.scaling(self.layer)
         allowed = key_valid[:, None, :] & (key_cols[:, None, :] <= query_cols[:, :, None])  # (batch, q, k)
-        if softmax == "none":
-            weights = logits.masked_fill(~allowed[:, None], 0.0)
-        else:
-            weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-        weights = weights.mean(dim=1)  # over heads -> (batch, queries, keys)
+        weights = self._head_mean(q, k, allowed, softmax, score_dtype)  # (batch, queries, keys)
         # padding query rows see no key (their softmax is NaN): drop them before averaging over queries
-        weights = torch.where(query_valid[..., None], weights, 0.0).sum(dim=1)
-        weights = weights / query_valid.sum(dim=1, keepdim=True)
+        weights = _query_mean(weights, query_valid)
         if softmax == "sequence":
             weights = torch.gather(weights, 1, image_cols)
         return weights.masked_fill(~image_valid, 0.0)
 
+    def _head_mean(
+        self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, softmax: SoftmaxDomain, score_dtype: ScoreDtype
+    ) -> torch.Tensor:
+        """(batch, queries, keys) attention of queries q (batch, heads, queries, d) over keys k (batch, heads, keys,
+        d), averaged over heads; `allowed` (batch, queries, keys) says which keys each query sees.
+
+        "model" follows the official codes of FastV, PyramidDrop and FEATHER step by step: q·kᵀ in the model's
+        dtype divided by √d, softmax in float32 cast back to the model's dtype, mean over heads in that dtype
+        (torch accumulates it in float32 and rounds once). In bf16 the rounding creates ties and reorders close
+        scores, so only this reproduces the official selections. "float32" computes everything in float32.
+        """
+        scaling = self.adapter.scaling(self.layer)
+        if score_dtype == "model":
+            logits = torch.matmul(q, k.transpose(-1, -2)) / (1.0 / scaling)  # the official `/ math.sqrt(head_dim)`
+        else:
+            logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling
+        if softmax == "none":
+            weights = logits.masked_fill(~allowed[:, None], 0.0)
+        else:
+            weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1, dtype=torch.float32)
+            weights = weights.to(logits.dtype)
+        return weights.mean(dim=1)
+
     def _from_full_map(
-        self, query_cols: torch.Tensor, query_valid: torch.Tensor, softmax: SoftmaxDomain, rope: bool
+        self,
+        query_cols: torch.Tensor,
+        query_valid: torch.Tensor,
+        softmax: SoftmaxDomain,
+        rope: bool,
+        score_dtype: ScoreDtype = "float32",
     ) -> torch.Tensor:
         """(batch, seq) attention each row receives from the query rows, read off the whole attention map."""
         n = self.layout.valid.shape[1]
         rows = torch.arange(n, device=self.hidden.device).expand(len(query_cols), n)
         q, k = self._project("q", rows, rope), self._project("k", rows, rope)
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.adapter.scaling(self.layer)
         allowed = self.layout.valid[:, None, :] & (rows[:, None, :] <= rows[:, :, None])  # (batch, seq, seq)
         if softmax == "image":
             allowed = allowed & (self.layout.image_id >= 0)[:, None, :]
-        if softmax == "none":
-            weights = logits.masked_fill(~allowed[:, None], 0.0)
-        else:
-            weights = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-        weights = weights.mean(dim=1).nan_to_num(0.0)  # (batch, seq, seq); padding rows see nothing
+        weights = self._head_mean(q, k, allowed, softmax, score_dtype).nan_to_num(0.0)  # padding rows see nothing
         picked = torch.gather(weights, 1, query_cols[:, :, None].expand(-1, -1, n))  # (batch, queries, seq)
-        return torch.where(query_valid[..., None], picked, 0.0).sum(dim=1) / query_valid.sum(dim=1, keepdim=True)
+        return _query_mean(picked, query_valid)
+
+    def _received_from_all(self, softmax: SoftmaxDomain, rope: bool, score_dtype: ScoreDtype) -> torch.Tensor:
+        """(batch, seq) attention each row receives from every other real row, averaged over those n - 1 rows.
+
+        FastV's paper: "the average attention-score one token received from all other tokens". Each query row
+        keeps its own softmax (itself included, as the model attends); only its attention to itself is left out
+        of the sum. Under the causal mask the rows before a token give it nothing and count as 0. Query rows are
+        taken `_CHUNK` at a time, so at most (batch, heads, _CHUNK, seq) logits exist at once; no host reads.
+        """
+        layout, device = self.layout, self.hidden.device
+        valid = layout.valid
+        batch, n = valid.shape
+        cols = torch.arange(n, device=device)
+        rows = cols.expand(batch, n)
+        q, k = self._project("q", rows, rope), self._project("k", rows, rope)
+        keys = valid & (layout.image_id >= 0) if softmax == "image" else valid
+        total = torch.zeros(batch, n, dtype=torch.float32, device=device)
+        for start in range(0, n, _CHUNK):
+            chunk = cols[start : start + _CHUNK]
+            causal = cols[None, :] <= chunk[:, None]  # (chunk, seq)
+            allowed = keys[:, None, :] & causal
+            weights = self._head_mean(q[:, :, start : start + _CHUNK], k, allowed, softmax, score_dtype)
+            counted = valid[:, start : start + _CHUNK, None] & (cols[None, :] != chunk[:, None])  # real rows, not self
+            total += torch.where(counted, weights.float().nan_to_num(0.0), 0.0).sum(dim=1)
+        others = (valid.sum(dim=1, keepdim=True) - 1).clamp(min=1)
+        return (total / others).to(q.dtype if score_dtype == "model" else torch.float32)
 
     def _query_rows(
         self, query: QueryPolicy, image_cols: torch.Tensor, image_valid: torch.Tensor
@@ -115,3 +173,10 @@ class AttentionProbe:
         x = self.adapter.normed_input(self.layer, gather_rows(self.hidden, cols))
         pe = tuple(gather_rows(t, cols) for t in self.position_embeddings) if rope else None
         return self.adapter.project(self.layer, x, which, pe)
+
+
+def _query_mean(weights: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
+    """(batch, keys): the mean of (batch, queries, keys) `weights` over the valid queries, in float32, returned in
+    the weights' dtype (one rounding, as `torch.mean` in bf16 does; exact for a single query)."""
+    summed = torch.where(query_valid[..., None], weights.float(), 0.0).sum(dim=1)
+    return (summed / query_valid.sum(dim=1, keepdim=True)).to(weights.dtype)

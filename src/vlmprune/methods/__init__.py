@@ -93,6 +93,9 @@ def _coerce(key: str, value: object, hint: object) -> object:
         if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
             return None
         others = [a for a in args if a is not type(None)]
+        if len(others) > 1:  # `int | tuple[int, ...]`: a list or tuple takes the tuple form, anything else the other
+            sequence = isinstance(value, list | tuple)
+            others = [a for a in others if (typing.get_origin(a) is tuple) == sequence] or others
         return _coerce(key, value, others[0]) if len(others) == 1 else value
     if hint is bool:
         if isinstance(value, str) and value.strip().lower() in _BOOLEANS:

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from vlmprune.budget import Keep
+from vlmprune.budget import Keep, Rounding
 from vlmprune.criteria.base import Criterion
 from vlmprune.stage import Stage
 
@@ -20,14 +20,17 @@ PARAMETER_HELP: dict[str, str] = {
     "layers": "the layers before which each stage prunes, increasing",
     "ratio": "fraction of the image tokens dropped (the papers' R)",
     "positions": "'original' keeps each kept token's position id; 'renumbered' closes the gaps",
-    "query": "'last': the prompt's last token scores the image; 'text_mean': the text after the image, averaged",
+    "query": "'last': the prompt's last token scores the image; 'text_mean': the text after the image, averaged; "
+    "'all': every other token, averaged (FastV's paper)",
     "softmax": "attention normalised over the sequence ('sequence') or the image keys ('image'), or raw ('none')",
     "rope": "rotary embeddings on the scoring q and k; false is FEATHER's phi-R, without RoPE's bottom-row bias",
     "scoring": "'before': the previous layer's q and k score the stage (FastV); 'after': the stage's own layer",
     "seed": "random seed of random scores (and of FastV at layer 0)",
     "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
     "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
-    "keep": "image tokens kept, a count instead of ratio (PyramidDrop: each stage's fraction kept, overrides lam)",
+    "keep": "image tokens kept, a count overriding ratio/lam (pdrop, feather: one per stage, or the last stage's)",
+    "keep_fractions": "PyramidDrop: each stage's fraction of the original image tokens kept (overrides lam)",
+    "score_dtype": "'model': attention rounded to the model's dtype as the official code does; 'float32': exact",
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
     "top_up": "fill each sample's union to the members' total count, so every sample keeps as many tokens",
     "k": "neighbours per density estimate (DPC-KNN)",
@@ -61,7 +64,10 @@ class Method(ABC):
 class OneStageMethod(Method):
     """A method that prunes once, before `layer`, keeping `1 - ratio` of the original image tokens.
 
-    Subclasses redeclare fields to change defaults, add their own, and say which criterion scores.
+    The budget is `keep` image tokens when given (a count, which overrides `ratio`), else
+    `rounding(N · (1 − ratio))` of a sample's N image tokens, `rounding` being the method's official code's
+    (see `vlmprune.budget.round_budget`). Subclasses redeclare fields to change defaults, add their own, and say
+    which criterion scores.
     """
 
     layer: int = 2
@@ -71,9 +77,11 @@ class OneStageMethod(Method):
 
     #: which layer's q/k score, for criteria that need LLM attention (see `Stage.scoring`)
     scoring: ClassVar[Literal["before", "after"]] = "before"
+    #: how `N · (1 − ratio)` becomes a count: `int()` of the float product unless the official code says otherwise
+    rounding: ClassVar[Rounding] = "int"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio (fraction of image tokens dropped) must be in [0, 1), got {self.ratio}")
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0 (0 = before the LLM), got {self.layer}")
@@ -86,12 +94,18 @@ class OneStageMethod(Method):
     def criterion(self) -> Criterion:
         """What chooses the kept tokens."""
 
+    def budget(self) -> Keep:
+        """`keep` tokens, or `1 − ratio` of the original image tokens rounded as the official code rounds."""
+        if self.keep is not None:
+            return Keep.count(self.keep)
+        return Keep.fraction_of_original(1.0 - self.ratio, rounding=self.rounding)
+
     def stages(self) -> list[Stage]:
         return [
             Stage(
                 layer=self.layer,
                 criterion=self.criterion(),
-                budget=Keep.fraction_of_original(1.0 - self.ratio) if self.keep is None else Keep.count(self.keep),
+                budget=self.budget(),
                 scoring=self.scoring,
                 positions=self.positions,
             )

@@ -17,8 +17,8 @@ class UniformPrune(OneStageMethod):
 
     FEATHER (arXiv 2412.13180) ablates φuniform at K=3 and K=8 with `grid[::2, ::2]` anchored at the
     top-left (official code `s=2`: 196 of 729 tokens on a 27×27 grid, 144 of 576 on LLaVA-1.5's 24×24).
-    With `stride=None` the grid is instead fitted to keep `int(N·(1−ratio))` tokens (see `Uniform`);
-    `ratio` is used only then.
+    With `stride=None` the grid is instead fitted to keep `int(N·(1−ratio))` tokens, or `keep` tokens (see
+    `Uniform`); `ratio` is used only then, and `keep` is refused with a stride.
     """
 
     name: ClassVar[str] = "uniform"
@@ -32,6 +32,10 @@ class UniformPrune(OneStageMethod):
         super().__post_init__()
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"stride must be >= 1, or None to fit the budget, got {self.stride}")
+        if self.stride is not None and self.keep is not None:  # the grid ignores budgets: say so, not silently
+            raise ValueError(
+                f"uniform keeps its stride-{self.stride} grid whatever keep says; pass stride=None with keep"
+            )
 
     def criterion(self) -> Criterion:
         return Uniform(stride=self.stride)
