@@ -26,6 +26,8 @@ METHOD_CASES = {
     "random": ("random", {}),
     "uniform": ("uniform", {"layer": 2}),
     "knn": ("knn", {"layer": 2}),
+    "btp": ("btp", {"layers": (1, 2, 3, 4)}),
+    "btp-paper-renumbered": ("btp", {"variant": "paper", "layers": (2, 3, 4, 5), "positions": "renumbered"}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 
