@@ -8,6 +8,8 @@ method documents: a token is kept once, and a union larger than the budget is cu
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,9 +59,14 @@ def official_div_prune(hidden: torch.Tensor, k: int, select: list[int] | None = 
 
 def official_spatial(coords: list[tuple[int, int]], k: int) -> list[int]:
     """`get_div_initial_indices(H, W, k)`: farthest points by Manhattan distance, from the first token."""
+    return list(_official_spatial(tuple(coords), k))
+
+
+@functools.lru_cache(maxsize=8)  # the official code, too, computes the full grid's picks once
+def _official_spatial(coords: tuple[tuple[int, int], ...], k: int) -> tuple[int, ...]:
     c = torch.tensor(coords)
     manhattan = (c[:, None, :] - c[None, :, :]).abs().sum(-1).float()
-    return official_max_min(manhattan, k - 1, [0]) if k else []
+    return tuple(official_max_min(manhattan, k - 1, [0])) if k else ()
 
 
 def official_stage(hidden, scores, coords, k, attention, diversity, spatial, oversample) -> list[int]:
