@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import vlmprune
 from vlmprune.cost import TokenSchedule, estimate, get_shape
 from vlmprune.criteria import SelectionContext
-from vlmprune.criteria.balanced import Balanced, max_min_picks, rebalanced_attention
+from vlmprune.criteria.balanced import Balanced, max_min_picks, rebalanced_attention, spatial_picks
 
 INF = float("inf")
 
@@ -174,9 +174,8 @@ def test_max_min_diversity_follows_the_official_div_prune(seeded):
 
 
 def test_spatial_start_is_farthest_points_from_the_first_token():
-    balanced = Balanced(attention=0.0, spatial=1.0)
     ctx = context([list(range(25))], [torch.zeros(25, 4)], [torch.zeros(25)], grid=(5, 5))
-    ranks = balanced._spatial_ranks(ctx, [4])
+    ranks = spatial_picks(ctx, [4])
     picks = in_order(ranks[0])
     assert picks[:2] == [0, 24]  # the first token, then the opposite corner
     assert picks == official_spatial(grid_coords(range(25), 5), 4)
@@ -184,16 +183,15 @@ def test_spatial_start_is_farthest_points_from_the_first_token():
 
 def test_spatial_start_on_the_llava_grid_and_on_a_partly_pruned_one():
     """The official 144 of a 24x24 grid (computed once, from the grids), and the same rule on the present tokens."""
-    balanced = Balanced(attention=0.0, spatial=1.0)
     full = context([list(range(576))], [torch.zeros(576, 4)], [torch.zeros(576)])
-    ranks = balanced._spatial_ranks(full, [144])
+    ranks = spatial_picks(full, [144])
     assert torch.nonzero(ranks[0] >= 0).flatten().tolist() == sorted(official_spatial(grid_coords(range(576)), 144))
     present = [
         sorted(torch.randperm(576, generator=torch.Generator().manual_seed(s))[:n].tolist())
         for s, n in ((0, 300), (1, 200))
     ]
     partial = context(present, [torch.zeros(len(p), 4) for p in present], [torch.zeros(len(p)) for p in present])
-    ranks = balanced._spatial_ranks(partial, [50, 40])
+    ranks = spatial_picks(partial, [50, 40])
     for b, ids in enumerate(present):
         expected = official_spatial(grid_coords(ids), [50, 40][b])
         assert in_order(ranks[b]) == expected
@@ -208,6 +206,7 @@ STAGES = {  # (present tokens per sample, budget, Balanced settings) of the offi
     "paper-1": ([576, 576], 288, {"attention": 0.6, "spatial": 0.5, "oversample": 3.7}),
     "paper-2": ([288, 200], 144, {"attention": 0.8, "oversample": 1.5}),
     "divprune": ([300, 250], 60, {"attention": 0.0}),
+    "union-cut": ([100, 96], 90, {"attention": 0.3, "diversity": 1.0, "spatial": 1.0}),  # 27 + 63 + 63 picks for 90
 }
 
 

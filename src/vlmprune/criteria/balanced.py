@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from vlmprune.criteria.base import Criterion, SelectionContext, SoftmaxDomain, keep_top
 from vlmprune.tensors import on_device
 
-__all__ = ["Balanced", "max_min_picks", "rebalanced_attention"]
+__all__ = ["Balanced", "max_min_picks", "rebalanced_attention", "spatial_picks"]
 
 SpatialMetric = Literal["manhattan", "euclidean"]
 
@@ -87,14 +87,14 @@ class Balanced(Criterion):
         plans = [self.shares(k, n) for k, n in zip(budgets, ctx.counts, strict=True)]
         a, c, s, d = ([plan[i] for plan in plans] for i in range(4))
         device = present.device
-        never = m + 1  # priority of a token no step picked
+        never = 3 * m  # priority of a token no step picked (each step's ranks are below m, offsets below 2m)
         priority = torch.full((batch, m), never, dtype=torch.long, device=device)
         if max(a) > 0:
             scores = ctx.attention("last", self.softmax, True)
             ranks = rebalanced_attention(scores, present, a, c, budgets)
             priority = torch.where(ranks >= 0, ranks, priority)
         if max(s) > 0:
-            ranks = self._spatial_ranks(ctx, s)
+            ranks = spatial_picks(ctx, s, self.spatial_metric)
             offset = ctx.budgets_tensor(a)
             priority = torch.where((ranks >= 0) & (priority == never), ranks + offset, priority)
         distances = None
@@ -116,22 +116,27 @@ class Balanced(Criterion):
             keep |= max_min_picks(distances, present, keep, missing, steps) >= 0
         return keep & present
 
-    def _spatial_ranks(self, ctx: SelectionContext, counts: list[int]) -> torch.Tensor:
-        """(batch, m) pick order of farthest-point sampling on the grid, -1 where not picked."""
-        device = ctx.image_ids.device
-        if ctx.counts == ctx.n_original:  # nothing pruned yet: the picks depend on the grids alone
-            tables = [
-                _grid_sampling(tuple(grids), count, self.spatial_metric)
-                for grids, count in zip(ctx.image_grids, counts, strict=True)
-            ]
-            table = on_device(torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=-1), device)
-            return torch.gather(table, 1, ctx.image_ids.clamp(min=0)).masked_fill(~ctx.present, -1)
-        coords = [_coordinates(tuple(grids)) for grids in ctx.image_grids]
-        coords = on_device(torch.nn.utils.rnn.pad_sequence(coords, batch_first=True), device)
-        index = ctx.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, 3)
-        span = float(max(rows + cols for grids in ctx.image_grids for rows, cols in grids))
-        distances = grid_distances(torch.gather(coords, 1, index), self.spatial_metric, span)
-        return _seeded_at_first(distances, ctx.present, on_device(counts, device), max(counts))
+
+def spatial_picks(ctx: SelectionContext, counts: list[int], metric: SpatialMetric = "manhattan") -> torch.Tensor:
+    """(batch, m) pick order of farthest-point sampling on the image grid, -1 where not picked.
+
+    Official `get_div_initial_indices(24, 24, 144)`: greedy max-min on the grid distance between the present
+    tokens, from the first one (token 0 of an unpruned image); sample b picks `counts[b]` tokens. Before any
+    pruning the picks depend on the grids alone and are computed once per grid, as the official code does.
+    """
+    device = ctx.image_ids.device
+    if ctx.counts == ctx.n_original:
+        tables = [
+            _grid_sampling(tuple(grids), count, metric) for grids, count in zip(ctx.image_grids, counts, strict=True)
+        ]
+        table = on_device(torch.nn.utils.rnn.pad_sequence(tables, batch_first=True, padding_value=-1), device)
+        return torch.gather(table, 1, ctx.image_ids.clamp(min=0)).masked_fill(~ctx.present, -1)
+    coords = [_coordinates(tuple(grids)) for grids in ctx.image_grids]
+    coords = on_device(torch.nn.utils.rnn.pad_sequence(coords, batch_first=True), device)
+    index = ctx.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, 3)
+    span = float(max(rows + cols for grids in ctx.image_grids for rows, cols in grids))
+    distances = grid_distances(torch.gather(coords, 1, index), metric, span)
+    return _seeded_at_first(distances, ctx.present, on_device(counts, device), max(counts))
 
 
 def rebalanced_attention(

@@ -27,7 +27,8 @@ PARAMETER_HELP: dict[str, str] = {
     "seed": "random seed of random scores (and of FastV at layer 0)",
     "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
     "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
-    "keep": "image tokens kept, a count instead of ratio (PyramidDrop, BTP: each stage's fraction of the original)",
+    "keep": "image tokens kept, a count instead of ratio (PyramidDrop: each stage's fraction kept, overrides lam; "
+    "BTP: each stage's fraction of the original)",
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
     "top_up": "fill each sample's union to the members' total count, so every sample keeps as many tokens",
     "k": "neighbours per density estimate (DPC-KNN)",

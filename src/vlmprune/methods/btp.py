@@ -53,7 +53,8 @@ class BalancedTokenPruning(Method):
     the budget by max-min diversity started from those picks. Original positions are kept.
 
     `variant="paper"` takes the paper's values where they differ from the code: halving stages (1/2, 1/4, 1/8)
-    and λ = 0.6, 0.8, 1.0, the rest by diversity. Fields left None take the variant's values. `calibration`
+    and λ = 0.6, 0.8, 1.0, the rest by diversity. Fields left None take the variant's values (with another
+    number of layers: its first stages' values, then its final drop). `calibration`
     reads the layers from a `vlmprune calibrate` file instead, and refuses to run on another model. `scale`
     multiplies every stage's kept fraction (the budget knob that FLOPs matching turns).
 
