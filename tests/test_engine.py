@@ -29,6 +29,8 @@ METHOD_CASES = {
     "feather-token-counts": ("feather", {"layers": (2, 4), "keep": (30, 12)}),
     "knn": ("knn", {"layer": 2, "keep": 40}),  # the official 196 needs more image tokens than the tiny model has
     "knn-ratio": ("knn", {"layer": 2, "keep": None, "ratio": 0.75}),
+    "btp": ("btp", {"layers": (1, 2, 3, 4)}),
+    "btp-paper-renumbered": ("btp", {"variant": "paper", "layers": (2, 3, 4, 5), "positions": "renumbered"}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 

@@ -10,6 +10,7 @@ from vlmprune.budget import Keep
 from vlmprune.engine import prune
 from vlmprune.errors import (
     BudgetError,
+    CalibrationError,
     LayerError,
     MissingExtraError,
     NoImageTokensError,
@@ -24,6 +25,7 @@ from vlmprune.trace import StageRecord, Trace
 
 __all__ = [
     "BudgetError",
+    "CalibrationError",
     "Keep",
     "LayerError",
     "Method",

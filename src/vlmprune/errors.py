@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BudgetError",
+    "CalibrationError",
     "LayerError",
     "MissingExtraError",
     "NoImageTokensError",
@@ -36,6 +37,10 @@ class LayerError(VlmpruneError):
 
 class BudgetError(VlmpruneError):
     """A token budget that cannot be met (larger than the tokens there are, or negative)."""
+
+
+class CalibrationError(VlmpruneError):
+    """A calibration file that is missing, unreadable, or made for another model."""
 
 
 class NoImageTokensError(VlmpruneError):

@@ -27,6 +27,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "viz",
     "testbed",
     "demo",
+    "calibrate",
     "env",
 )
 

@@ -20,6 +20,7 @@ KNOBS: dict[str, tuple[str, float, float]] = {
     "knn": ("ratio", 0.0, 0.99),
     "uniform": ("ratio", 0.0, 0.99),
     "pdrop": ("lam", 0.01, 0.99),
+    "btp": ("scale", 0.01, 12.0),  # up to every stage but the last keeping all
 }
 
 
@@ -28,8 +29,9 @@ def match_flops(
 ) -> Method:
     """`method` with its budget knob set so that its projected prefill FLOPs reduction is closest to the target.
 
-    The knob is scanned in steps of 0.001, so the match is within a fraction of
-    a percentage point wherever the method can reach the target.
+    The knob is scanned in steps of 0.01, then in steps of 0.001 around the best value (the reduction moves one
+    way with the knob, so the closest 0.001 step lies there), so the match is within a fraction of a percentage
+    point wherever the method can reach the target.
     """
     if method.name not in KNOBS:
         raise VlmpruneError(f"no budget knob known for {method.name!r}; matchable: {', '.join(KNOBS)}")
@@ -38,14 +40,21 @@ def match_flops(
         method = replace(method, stride=None)  # a fixed stride ignores the budget
     # token counts and explicit fractions override the knob being matched: drop them with each candidate
     overrides = {f: None for f in ("keep", "keep_fractions") if getattr(method, f, None) is not None}
-    best, best_gap = method, float("inf")
-    for i in range(round((high - low) / 0.001) + 1):
-        value = round(low + 0.001 * i, 3)
-        try:
-            candidate = replace(method, **overrides, **{knob: value})
-            reduction = estimate(shape, TokenSchedule.from_method(candidate, shape, text_tokens), formula).reduction
-        except (BudgetError, ValueError):
-            continue
-        if abs(reduction - target_reduction) < best_gap:
-            best, best_gap = candidate, abs(reduction - target_reduction)
-    return best
+
+    def scan(steps: range) -> tuple[int | None, Method, float]:
+        best_step, best, best_gap = None, method, float("inf")
+        for i in steps:
+            try:
+                candidate = replace(method, **overrides, **{knob: round(low + 0.001 * i, 3)})
+                reduction = estimate(shape, TokenSchedule.from_method(candidate, shape, text_tokens), formula).reduction
+            except (BudgetError, ValueError):
+                continue
+            if abs(reduction - target_reduction) < best_gap:
+                best_step, best, best_gap = i, candidate, abs(reduction - target_reduction)
+        return best_step, best, best_gap
+
+    last = round((high - low) / 0.001)  # a coarse scan at 0.01, refined at 0.001 around its best
+    coarse, _, _ = scan(range(0, last + 1, 10))
+    if coarse is None:
+        return method
+    return scan(range(max(0, coarse - 10), min(last, coarse + 10) + 1))[1]

@@ -83,6 +83,7 @@ class TokenSchedule:
         `expected_count`.
         """
         grids = [shape.grid] * shape.images
+        method.check_model(shape.layers, [grids])
         n_original = shape.image_tokens
         current = float(n_original)
         at_layer = {}

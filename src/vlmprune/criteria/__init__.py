@@ -1,6 +1,7 @@
 """Criteria: small pieces that choose image tokens, usable in any stage of any method."""
 
 from vlmprune.criteria.attention import Attention
+from vlmprune.criteria.balanced import Balanced
 from vlmprune.criteria.base import Criterion, ScoredCriterion, SelectionContext
 from vlmprune.criteria.ensemble import Ensemble
 from vlmprune.criteria.knn import KnnDensity
@@ -9,6 +10,7 @@ from vlmprune.criteria.uniform import Uniform
 
 __all__ = [
     "Attention",
+    "Balanced",
     "Criterion",
     "Ensemble",
     "KnnDensity",

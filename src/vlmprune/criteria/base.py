@@ -37,6 +37,8 @@ class SelectionContext:
         image_grids: per sample, (rows, cols) of each image, in prompt order.
         n_original: per sample, image tokens before any pruning.
         stage_index: 0-based index of the stage being run (seeds per-stage randomness).
+        hidden_states_fn: returns the stage layer's input hidden states of the image slots, (batch, m, hidden);
+            read through `hidden_states()`.
     """
 
     image_ids: torch.Tensor
@@ -46,6 +48,7 @@ class SelectionContext:
     stage_index: int = 0
     attention_fn: AttentionFn | None = None
     vision_features_fn: Callable[[], list[torch.Tensor]] | None = None
+    hidden_states_fn: Callable[[], torch.Tensor] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -104,6 +107,18 @@ class SelectionContext:
             index = self.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, features.shape[-1])
             self._cache["vision"] = torch.gather(features, 1, index)
         return self._cache["vision"]
+
+    def hidden_states(self) -> torch.Tensor:
+        """(batch, m, hidden) the hidden states of the present image tokens entering the stage's layer.
+
+        The rows the cut is applied to, before it (BTP's diversity reads them). Padding slots hold some other
+        row's states; criteria mask them with `present`.
+        """
+        if self.hidden_states_fn is None:
+            raise RuntimeError("this context holds no hidden states (built outside a stage)")
+        if "hidden" not in self._cache:
+            self._cache["hidden"] = self.hidden_states_fn()
+        return self._cache["hidden"]
 
 
 def keep_top(order: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:

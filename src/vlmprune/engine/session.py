@@ -289,12 +289,14 @@ class PruningSession:
             n_real=n_real,
             n_image=n_image,
         )
+        image_grids = self.adapter.image_grids(n_image, kwargs)
+        self.method.check_model(self.adapter.num_layers, image_grids)
         self.trace.reset()
         self.trace.calls += 1
         self.trace.image_tokens = n_image
         self._run = _Prefill(
             layouts=[original],
-            image_grids=self.adapter.image_grids(n_image, kwargs),
+            image_grids=image_grids,
             n_image=n_image,
             length=length,
             cache=cache,
@@ -323,6 +325,7 @@ class PruningSession:
             stage_index=s,
             attention_fn=run.probes.pop(s, None),
             vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
+            hidden_states_fn=lambda: gather_rows(hidden, image_cols),
         )
         keep = stage.criterion.select(ctx, budgets) & present
         n_kept = stage.criterion.counts(ctx, budgets)

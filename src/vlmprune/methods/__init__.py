@@ -8,6 +8,7 @@ import typing
 
 from vlmprune.errors import BudgetError, LayerError, ParameterError, UnknownMethodError, VlmpruneError
 from vlmprune.methods.base import Method
+from vlmprune.methods.btp import BalancedTokenPruning
 from vlmprune.methods.fastv import FastV
 from vlmprune.methods.feather import Feather
 from vlmprune.methods.knn_prune import KnnPrune
@@ -17,6 +18,7 @@ from vlmprune.methods.uniform_prune import UniformPrune
 
 __all__ = [
     "METHODS",
+    "BalancedTokenPruning",
     "FastV",
     "Feather",
     "KnnPrune",
@@ -30,7 +32,7 @@ __all__ = [
 ]
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune)
+    cls.name: cls for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune, BalancedTokenPruning)
 }
 
 

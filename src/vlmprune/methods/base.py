@@ -29,11 +29,19 @@ PARAMETER_HELP: dict[str, str] = {
     "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
     "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
     "keep": "image tokens kept, a count overriding ratio/lam (pdrop, feather: one per stage, or the last stage's)",
-    "keep_fractions": "PyramidDrop: each stage's fraction of the original image tokens kept (overrides lam)",
+    "keep_fractions": "each stage's fraction of the original image tokens kept (PyramidDrop: overrides lam; BTP)",
     "score_dtype": "'model': attention rounded to the model's dtype as the official code does; 'float32': exact",
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
     "top_up": "fill each sample's union to the members' total count, so every sample keeps as many tokens",
     "k": "neighbours per density estimate (DPC-KNN)",
+    "variant": "BTP: 'code' (the released LLaVA code) or 'paper' (its stages and lambda); fills the fields left None",
+    "calibration": "BTP: a `vlmprune calibrate` file whose proposed layers replace the default ones",
+    "attention": "BTP: per stage, the share of its budget chosen by rebalanced attention (the paper's lambda)",
+    "diversity": "BTP: per stage, the share chosen first by max-min diversity of the hidden states",
+    "spatial": "BTP: per stage, the share started by farthest points on the image grid",
+    "oversample": "BTP: per stage, attention candidates per attention pick (1 = no positional rebalancing)",
+    "scale": "BTP: multiplies every stage's kept fraction (the budget knob of FLOPs matching)",
+    "spatial_metric": "BTP: grid distance of the spatial start, 'manhattan' (code) or 'euclidean'",
     "per_sample": "each sample of a batch draws its own random scores (otherwise a sample draws the same alone)",
 }
 
@@ -51,6 +59,14 @@ class Method(ABC):
     @abstractmethod
     def stages(self) -> list[Stage]:
         """The pruning stages, in increasing layer order."""
+
+    def check_model(self, depth: int, image_grids: list[list[tuple[int, int]]]) -> None:
+        """Raises a `VlmpruneError` if the method was made for another model (e.g. a calibration file's).
+
+        `depth` is the language model's number of decoder layers, `image_grids` per sample the (rows, cols) of
+        each image. Called before each prefill and each cost projection; any model fits by default.
+        """
+        return None
 
     def parameters(self) -> dict[str, Any]:
         """Every parameter (dataclass field) with its value, as JSON values (tuples become lists); {} if none."""
