@@ -89,7 +89,7 @@ def test_bench_command_rejects_bad_input(capsys):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--batch", "0"], "--batch sizes must be >= 1"), (["--repeats", "0"], "must be >= 1, got 0")],
+    [(["--batch", "0"], "argument --batch: every value must be >= 1"), (["--repeats", "0"], "must be >= 1, got 0")],
 )
 def test_bench_refuses_empty_runs(args, message, capsys):
     assert main(["bench", "--shape", "llava-tiny", *args]) == 2

@@ -128,7 +128,7 @@ def test_generate_with_method_none_runs_the_unpruned_model(
         (["--method", "nope"], "unknown method 'nope'"),
         (["--method", "fastv", "--param", "foo=1"], "has no parameter 'foo'"),
         (["--method", "fastv", "--param", "ratio=1.5"], "ratio"),
-        (["--method", "fastv", "--param", "ratio"], "--param expects key=value"),
+        (["--method", "fastv", "--param", "ratio"], "argument --param: expected KEY=VALUE"),
         (["--method", "none", "--param", "layer=2"], "--method none takes no --param"),
     ],
     ids=["unknown-method", "unknown-param", "bad-value", "param-without-value", "param-for-none"],
@@ -143,7 +143,7 @@ def test_bad_method_arguments_exit_2_with_one_line(
 def test_missing_image_exits_2(model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "missing.png"
     code = main(_generate(model_dir, str(missing), "--method", "fastv"))
-    _assert_one_line_error(code, capsys.readouterr().err, f"cannot read image {missing}")
+    _assert_one_line_error(code, capsys.readouterr().err, f"argument --image: file {missing} does not exist")
 
 
 def test_corrupt_image_exits_2(model_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

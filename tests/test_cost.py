@@ -146,8 +146,8 @@ def test_flops_command_reports_bad_input_in_one_line(capsys):
         (["--schedule", "576@0,600@8"], "pruning only removes tokens: 600@8 follows 576"),
         (["--schedule", "576@0,-3@8"], "cannot be negative"),
         (["--schedule", "576@0,288@8,100@8"], "names each layer once"),
-        (["--method", "fastv", "--text-tokens", "-5"], "--text-tokens cannot be negative"),
-        (["--method", "fastv", "--image-tokens", "0"], "--image-tokens must be >= 1"),
+        (["--method", "fastv", "--text-tokens", "-5"], "argument --text-tokens: cannot be negative"),
+        (["--method", "fastv", "--image-tokens", "0"], "argument --image-tokens: must be >= 1"),
     ],
 )
 def test_flops_refuses_impossible_schedules_in_one_line(args, message, capsys):

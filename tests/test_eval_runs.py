@@ -82,13 +82,13 @@ def test_eval_out_that_is_a_file_is_one_line(small_model_dir, tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_a_refer_folder_whose_instances_lack_annotations_is_one_line(tmp_path, capsys):
+def test_a_refer_folder_whose_instances_lack_annotations_is_one_line(small_model_dir, tmp_path, capsys):
     data = write_refer(tmp_path / "data", n_refs=2)
     instances = data / "refcoco" / "instances.json"
     content = json.loads(instances.read_text())
     del content["annotations"]
     instances.write_text(json.dumps(content))
-    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert main(["eval", "--model", small_model_dir, "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "is not a COCO instances file" in capsys.readouterr().err
 
 
@@ -132,13 +132,15 @@ def test_hostile_data_is_counted_with_its_reason_and_never_crashes(small_model_d
     assert summary["errors"] == len(errors) and sum(summary["errors_by_reason"].values()) == len(errors)
 
 
-def test_a_parquet_file_without_a_needed_column_is_one_line(tmp_path, capsys):
+def test_a_parquet_file_without_a_needed_column_is_one_line(small_model_dir, tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "data").mkdir()
     pq.write_table(pa.Table.from_pylist([{"image": None, "bbox": [1, 2, 3, 4]}]), tmp_path / "data" / "val-0.parquet")
-    assert main(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data"), "--out", "o"]) == 2
+    assert (
+        main(["eval", "--model", small_model_dir, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "has no answer column" in capsys.readouterr().err
 
 

@@ -46,16 +46,19 @@ def test_a_bad_parameter_is_a_parameter_error_naming_the_field(name, params, mes
 
 @pytest.mark.parametrize("param", ["softmax=imag", "ratio=half", "rope=maybe"])
 def test_the_command_line_rejects_a_bad_parameter_in_one_line_before_loading(param, tmp_path, capsys):
-    missing = ["--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "no.png")]
-    code = main(["generate", *missing, "--prompt", "hi", "--method", "fastv", "--param", param])
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "no-model" / "config.json").write_text("{}")  # loading it would fail, naming it
+    (tmp_path / "no.png").write_bytes(b"not an image")  # and so would reading this
+    unloadable = ["--model", str(tmp_path / "no-model"), "--image", str(tmp_path / "no.png")]
+    code = main(["generate", *unloadable, "--prompt", "hi", "--method", "fastv", "--param", param])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert param.split("=")[0] in err and "no-model" not in err
+    assert param.split("=")[0] in err and "no-model" not in err and "no.png" not in err
 
 
 @pytest.mark.parametrize("limit", ["0", "-3", "many"])
-def test_eval_limit_must_be_a_positive_count(limit, tmp_path, capsys):
-    code = main(["eval", "--model", str(tmp_path / "m"), "--limit", limit, "--out", str(tmp_path / "run")])
+def test_eval_limit_must_be_a_positive_count(limit, small_model_dir, tmp_path, capsys):
+    code = main(["eval", "--model", small_model_dir, "--limit", limit, "--out", str(tmp_path / "run")])
     assert code == 2
     assert "--limit" in capsys.readouterr().err
 
@@ -67,7 +70,7 @@ def test_generate_refuses_an_unwritable_trace_path_and_a_prompt_with_two_images(
     Image.new("RGB", (64, 48), (10, 20, 30)).save(image)
     base = ["generate", "--model", small_model_dir, "--image", str(image), "--method", "fastv"]
     assert main([*base, "--prompt", "what", "--save-trace", str(tmp_path / "no" / "dir" / "t.json")]) == 2
-    assert "its directory does not exist" in capsys.readouterr().err
+    assert "argument --save-trace: " in capsys.readouterr().err
     assert main([*base, "--prompt", "<image> and <image> what"]) == 2
     assert "the prompt does not fit the image" in capsys.readouterr().err
 

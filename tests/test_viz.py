@@ -356,8 +356,8 @@ def test_viz_trace_errors_are_one_line(trace_file: Path, tmp_path: Path, capsys:
     out = ["--out", str(tmp_path / "out")]
     cases = [
         (["--trace", str(trace_file), "--image", str(corrupt), *out], "cannot read image"),
-        (["--trace", str(trace_file), "--image", str(tmp_path / "none.png"), *out], "cannot read image"),
-        (["--trace", str(tmp_path / "none.json"), "--image", str(corrupt), *out], "cannot read trace"),
+        (["--trace", str(trace_file), "--image", str(tmp_path / "none.png"), *out], "argument --image"),
+        (["--trace", str(tmp_path / "none.json"), "--image", str(corrupt), *out], "argument --trace"),
         (["--trace", str(trace_file), "--image", str(corrupt), "--box", "0,0,300,200", *out], "--box"),
         (["--trace", str(trace_file), *out], "--image"),
     ]

@@ -9,13 +9,24 @@ import os
 import warnings
 from pathlib import Path
 
+from vlmprune.cli.arguments import (
+    data_source,
+    device,
+    model_ref,
+    non_negative_int,
+    output_dir,
+    positive_int,
+    task_list,
+)
 from vlmprune.errors import VlmpruneError
 
 __all__ = [
     "CommandError",
     "add_loading_args",
+    "add_model_arg",
     "add_task_args",
     "check_scored",
+    "check_task_args",
     "load_model",
     "load_task_samples",
     "method_or_none",
@@ -50,29 +61,16 @@ def parse_params(items: list[str] | None) -> dict[str, object]:
     return params
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer of at least 1."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """An argparse type: an integer of at least 0."""
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
-    return value
+def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    """--model, a Hub id or a local directory, as `load_model` takes it."""
+    parser.add_argument(
+        "--model", required=True, type=model_ref, metavar="ID_OR_DIR", help="Hub id or local model directory"
+    )
 
 
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype and --attn, as `load_model` takes them."""
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
     parser.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -89,9 +87,12 @@ def add_loading_args(parser: argparse.ArgumentParser) -> None:
 
 def add_task_args(parser: argparse.ArgumentParser) -> None:
     """Which localization tasks, where their data is, and how to generate."""
-    parser.add_argument("--tasks", default="refcoco", help="comma-separated: refcoco, refcoco+, refcocog, ocid-ref")
+    parser.add_argument(
+        "--tasks", type=task_list, default="refcoco", help="comma-separated: refcoco, refcoco+, refcocog, ocid-ref"
+    )
     parser.add_argument(
         "--data",
+        type=data_source,
         action="append",
         default=[],
         metavar="[TASK=]PATH",
@@ -99,23 +100,25 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="first N samples of each task (N >= 1)")
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, type=output_dir, metavar="DIR")
     parser.add_argument(
         "--overwrite", action="store_true", help="start afresh in --out instead of resuming the run there"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
+
+
+def check_task_args(args: argparse.Namespace) -> None:
+    """The cross-argument checks of `add_task_args`: every task has data, every `--data TASK=` is a task run."""
+    _task_paths(_tasks(args), args.data)
 
 
 def load_task_samples(args: argparse.Namespace) -> list:
     """The samples of the tasks `add_task_args` named (`--tasks`, `--data`, `--split`, first `--limit` of each)."""
     from vlmprune.eval.data import load_task
 
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     samples = []
-    for task, path in _task_paths(tasks, args.data).items():
+    for task, path in _task_paths(_tasks(args), args.data).items():
         loaded = load_task(task, path, args.split)
         samples.extend(loaded[: args.limit] if args.limit else loaded)
     if not samples:
@@ -123,9 +126,19 @@ def load_task_samples(args: argparse.Namespace) -> list:
     return samples
 
 
+def _tasks(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in args.tasks.split(",") if t.strip()]
+
+
 def _task_paths(tasks: list[str], data: list[str]) -> dict[str, Path]:
     roots = [Path(d) for d in data if "=" not in d]
     explicit = dict(d.split("=", 1) for d in data if "=" in d)
+    if len(roots) > 1:
+        listed = ", ".join(map(str, roots))
+        raise CommandError(f"--data: give one ROOT (or TASK=PATH per task), got {len(roots)}: {listed}")
+    unused = sorted(set(explicit) - set(tasks))
+    if unused:
+        raise CommandError(f"--data {unused[0]}=... names a task not in --tasks {','.join(tasks)}")
     paths = {}
     for task in tasks:
         if task in explicit:
@@ -187,25 +200,12 @@ def method_or_none(name: str, params: dict[str, object]):
         raise CommandError(f"invalid parameters for method {name!r}: {error}") from None
 
 
-def _looks_local(model: str) -> bool:
-    """True for paths that cannot be a Hub id (`org/name`): absolute, relative with `.`, or `~`."""
-    return (
-        os.path.isabs(model)
-        or model.startswith(("./", "../", "~", ".\\", "..\\"))
-        or model in (".", "..")
-        or model.count("/") > 1
-    )
-
-
 def load_model(model_id: str, *, device: str, dtype: str, attn: str):
+    """`(processor, model)` from `model_id` (checked by the `model_ref` argument type), in eval mode on `device`."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = os.path.expanduser(model_id)
-    if not os.path.exists(path) and _looks_local(model_id):
-        raise CommandError(f"model directory {model_id} does not exist")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise CommandError(f"model path {model_id} is not a directory")
     try:
         torch_device = torch.device(device)
         torch.empty(0, device=torch_device)  # fails early on a device this machine does not have

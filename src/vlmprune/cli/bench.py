@@ -9,9 +9,10 @@ import platform
 from pathlib import Path
 
 from vlmprune.cli._common import CommandError, non_negative_int, parse_method_params, positive_int
+from vlmprune.cli.arguments import device, method_key_value, method_list, one_of, output_dir, positive_int_list
 from vlmprune.cost import SHAPES
 
-__all__ = ["add_parser", "markdown_table", "run"]
+__all__ = ["add_parser", "check", "markdown_table", "run"]
 
 DEFAULT_METHODS = "fastv,pdrop,feather"
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -32,17 +33,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "so nothing waits for the GPU inside a timed prefill."
         ),
     )
-    parser.add_argument("--shape", default="llava-cpu-mid", help=f"model shape ({', '.join(SHAPES)})")
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument(
-        "--param", action="append", default=[], metavar="METHOD.KEY=VALUE", help="e.g. fastv.ratio=0.75"
+        "--shape", type=one_of(SHAPES, "shape"), default="llava-cpu-mid", help=f"model shape ({', '.join(SHAPES)})"
     )
-    parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument(
+        "--methods", type=method_list, default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})"
+    )
+    parser.add_argument(
+        "--param",
+        type=method_key_value,
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="e.g. fastv.ratio=0.75",
+    )
+    parser.add_argument(
+        "--batch", type=positive_int_list, default="1,8", help="comma-separated batch sizes (default 1,8)"
+    )
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--warmup", type=non_negative_int, default=1)
     parser.add_argument("--new-tokens", type=positive_int, default=16, help="answer length for end-to-end timing")
     parser.add_argument("--text-words", type=positive_int, default=24, help="words in the prompt's question")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device, default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     parser.add_argument("--no-original-fastv", action="store_true", help="skip the original-FastV reference")
@@ -52,8 +64,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="compile the forward with the pruning hooks inside (CUDA graphs on CUDA: mode reduce-overhead) and "
         "decode on a static cache through it; every variant compiles its own graphs first (minutes)",
     )
-    parser.add_argument("--out", default=None, metavar="DIR", help="write bench.json and bench.md there")
+    parser.add_argument(
+        "--out", type=output_dir, default=None, metavar="DIR", help="write bench.json and bench.md there"
+    )
     parser.set_defaults(run=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every method with its `--param`s, and a shape bench can build (LLaVA layout), before any model is built."""
+    from vlmprune.cost import get_shape
+    from vlmprune.testing import llava_config_for_shape
+
+    _variants(args)
+    try:
+        llava_config_for_shape(get_shape(args.shape))
+    except ValueError as error:
+        raise CommandError(f"--shape {args.shape}: bench builds LLaVA-layout models: {error}") from None
 
 
 def _variants(args: argparse.Namespace) -> list:
@@ -159,15 +185,9 @@ def run(args: argparse.Namespace) -> int:
     import vlmprune
     from vlmprune.bench import run_benchmark
 
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        raise CommandError(f"--batch expects comma-separated integers, got {args.batch!r}") from None
-    if min(batches) < 1:
-        raise CommandError(f"--batch sizes must be >= 1, got {args.batch!r}")
     variants = _variants(args)
     rows = []
-    for batch in batches:
+    for batch in args.batch:
         model, inputs, shape = _build(args, batch)
         results = run_benchmark(
             model,

@@ -7,7 +7,8 @@ import os
 import random
 
 from vlmprune.calibrate import DEFAULT_ACTIVE_SHARE, DEFAULT_IMAGES, DEFAULT_STAGES, DEFAULT_THRESHOLD
-from vlmprune.cli._common import CommandError, add_loading_args, load_model, positive_int
+from vlmprune.cli._common import CommandError, add_loading_args, load_model
+from vlmprune.cli.arguments import existing_dir, model_ref, non_negative_int, number_in, output_file, positive_int
 
 __all__ = ["IMAGE_SUFFIXES", "add_parser", "pick_images", "run"]
 
@@ -24,9 +25,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "(Balanced Token Pruning, arXiv 2505.22038). Use the file with `--method btp --param calibration=FILE`."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="ID_OR_DIR", help="Hub id or local directory")
-    parser.add_argument("--images", required=True, metavar="DIR", help="directory of images (png, jpg, ...)")
-    parser.add_argument("--out", required=True, metavar="FILE", help="where to write the calibration (JSON)")
+    parser.add_argument("--model", required=True, type=model_ref, metavar="ID_OR_DIR", help="Hub id or local directory")
+    parser.add_argument(
+        "--images", required=True, type=existing_dir, metavar="DIR", help="directory of images (png, jpg, ...)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=output_file, metavar="FILE", help="where to write the calibration (JSON)"
+    )
     parser.add_argument(
         "--num-images",
         type=positive_int,
@@ -36,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=number_in(-1.0, 1.0),
         default=DEFAULT_THRESHOLD,
         metavar="TAU",
         help=f"a token changes when cos(layer input, layer output) < TAU (default {DEFAULT_THRESHOLD})",
@@ -49,12 +54,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--active-share",
-        type=float,
+        type=number_in(0.0, 1.0, low_open=True),
         default=DEFAULT_ACTIVE_SHARE,
         metavar="SHARE",
         help=f"a layer is active when it changes at least this share of the tokens (default {DEFAULT_ACTIVE_SHARE})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random draw of images (default 0)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the random draw of images (default 0)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_loading_args(parser)
@@ -63,8 +70,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def pick_images(directory: str, count: int, seed: int) -> list[str]:
     """Up to `count` image files of `directory` (names, sorted), drawn at random with `seed` when it has more."""
-    if not os.path.isdir(directory):
-        raise CommandError(f"image directory {directory} does not exist")
     names = sorted(n for n in os.listdir(directory) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise CommandError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
@@ -77,12 +82,6 @@ def run(args: argparse.Namespace) -> int:
     from vlmprune.calibrate import calibrate
     from vlmprune.cli.generate import load_image
 
-    if not -1.0 <= args.threshold <= 1.0:
-        raise CommandError(f"--threshold is a cosine similarity in [-1, 1], got {args.threshold}")
-    if not 0.0 < args.active_share <= 1.0:
-        raise CommandError(f"--active-share must be in (0, 1], got {args.active_share}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise CommandError(f"--out {args.out}: its directory does not exist")
     names = pick_images(args.images, args.num_images, args.seed)
     images = [load_image(os.path.join(args.images, name)) for name in names]
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)

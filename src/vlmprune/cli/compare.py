@@ -7,17 +7,21 @@ import json
 from pathlib import Path
 
 from vlmprune.cli._common import (
+    CommandError,
     add_loading_args,
+    add_model_arg,
     add_task_args,
     check_scored,
+    check_task_args,
     load_model,
     load_task_samples,
     parse_method_params,
     run_data,
 )
+from vlmprune.cli.arguments import existing_dir, method_key_value, method_list, non_negative_float, unit_fraction
 from vlmprune.extras import import_extra
 
-__all__ = ["add_parser", "run", "table"]
+__all__ = ["add_parser", "check", "run", "table"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,17 +36,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "OUT/<method>/."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="ID_OR_DIR")
-    parser.add_argument("--methods", default="fastv,pdrop,feather", help="comma-separated")
-    parser.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE")
-    parser.add_argument("--match-flops", type=float, metavar="R", help="target FLOPs reduction, e.g. 0.64")
+    add_model_arg(parser)
+    parser.add_argument("--methods", type=method_list, default="fastv,pdrop,feather", help="comma-separated")
+    parser.add_argument("--param", type=method_key_value, action="append", default=[], metavar="METHOD.KEY=VALUE")
+    parser.add_argument(
+        "--match-flops", type=unit_fraction, metavar="R", help="target FLOPs reduction in [0, 1), e.g. 0.64"
+    )
     parser.add_argument("--formula", choices=("paper", "paper-3ndm", "exact"), default="paper")
-    parser.add_argument("--text-tokens", type=float, default=0.0, help="text tokens in the FLOPs match (default 0)")
+    parser.add_argument(
+        "--text-tokens", type=non_negative_float, default=0.0, help="text tokens in the FLOPs match (default 0)"
+    )
     parser.add_argument("--other-tasks", default="", help="lmms-eval tasks, comma-separated (needs lmms-eval)")
-    parser.add_argument("--lmms-include", metavar="DIR", help="extra lmms-eval task directory")
+    parser.add_argument("--lmms-include", type=existing_dir, metavar="DIR", help="extra lmms-eval task directory")
     add_task_args(parser)
     add_loading_args(parser)
     parser.set_defaults(run=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every method takes its `--param`s (against the model's depth once it is loaded); every task has data;
+    lmms-eval is there when `--other-tasks` needs it."""
+    _methods(args)
+    check_task_args(args)
+    if args.lmms_include and not _other_task_names(args):
+        raise CommandError("--lmms-include applies to --other-tasks only")
+    if _other_task_names(args):
+        import_extra("lmms_eval", "--other-tasks")
+
+
+def _other_task_names(args: argparse.Namespace) -> list[str]:
+    return [t.strip() for t in args.other_tasks.split(",") if t.strip()]
 
 
 def _methods(args: argparse.Namespace, shape=None) -> list:
@@ -62,7 +85,7 @@ def _methods(args: argparse.Namespace, shape=None) -> list:
 
 
 def _other_tasks(args, model, processor, method, out: Path) -> dict[str, float]:
-    tasks = [t.strip() for t in args.other_tasks.split(",") if t.strip()]
+    tasks = _other_task_names(args)
     if not tasks:
         return {}
     simple_evaluate = import_extra("lmms_eval.evaluator", "--other-tasks").simple_evaluate
@@ -87,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from vlmprune.engine import PruningSession
     from vlmprune.eval.runner import EvalConfig, clear_run, load_records, run_grounding, summarize
 
-    _methods(args)  # before anything loads: a bad method or parameter fails at once
-    samples = load_task_samples(args)  # and so does bad data
+    samples = load_task_samples(args)  # before the model loads: bad data fails at once
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
     shape = shape_from_config(model.config, name=args.model)
     methods = _methods(args, shape)

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from vlmprune.cli._common import CommandError, positive_int
+from vlmprune.cli._common import CommandError
+from vlmprune.cli.arguments import output_dir, output_path, positive_int, testbed_model_dir
 
 __all__ = ["add_parser", "run"]
 
@@ -22,11 +23,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "tokens lie on the image grid."
         ),
     )
-    parser.add_argument("--model", metavar="DIR", help="a testbed checkpoint (default: the one shipped)")
-    parser.add_argument("--limit", type=int, default=200, help="held-out scenes (default 200)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default="demo", metavar="DIR", help="where the picture goes (default ./demo)")
-    parser.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    parser.add_argument(
+        "--model",
+        type=testbed_model_dir,
+        metavar="DIR",
+        help="a testbed checkpoint (default: the one shipped)",
+    )
+    parser.add_argument("--limit", type=positive_int, default=200, help="held-out scenes (default 200)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument(
+        "--out", type=output_dir, default="demo", metavar="DIR", help="where the picture goes (default ./demo)"
+    )
+    parser.add_argument("--json", type=output_path, metavar="FILE", help="also write the table as JSON")
     parser.add_argument("--timing-rounds", type=positive_int, default=5, help="interleaved prefill timings (default 5)")
     parser.set_defaults(run=run)
 
@@ -40,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
     from vlmprune.viz.analysis import keep_frequency
     from vlmprune.viz.plot import plot_keep_frequency, save_png
 
-    if args.limit < 1:
-        raise CommandError(f"--limit must be >= 1, got {args.limit}")
     out = Path(args.out)
     try:  # before minutes of work: where the results go must be writable
         out.mkdir(parents=True, exist_ok=True)

@@ -8,20 +8,22 @@ import os
 from pathlib import Path
 
 from vlmprune.cli._common import (
-    CommandError,
     add_loading_args,
+    add_model_arg,
     add_task_args,
     check_scored,
+    check_task_args,
     load_model,
     load_task_samples,
     method_or_none,
     parse_params,
     run_data,
 )
+from vlmprune.cli.arguments import key_value, method_or_none_name
 from vlmprune.errors import VlmpruneError
 from vlmprune.extras import import_extra
 
-__all__ = ["add_parser", "markdown_summary", "run"]
+__all__ = ["add_parser", "check", "markdown_summary", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "`accelerate launch --num_processes N -m vlmprune.cli.main eval ...`."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="ID_OR_DIR")
-    parser.add_argument("--method", default="none", metavar="NAME", help="a method, or `none` (default)")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    add_model_arg(parser)
+    parser.add_argument(
+        "--method", type=method_or_none_name, default="none", metavar="NAME", help="a method, or `none` (default)"
+    )
+    parser.add_argument("--param", type=key_value, action="append", default=[], metavar="KEY=VALUE")
     add_task_args(parser)
     add_loading_args(parser)
     parser.add_argument("--no-progress", action="store_true")
@@ -52,12 +56,16 @@ def _distributed() -> tuple[int, int, object | None]:
     return state.process_index, state.num_processes, state
 
 
+def check(args: argparse.Namespace) -> None:
+    """The method takes its `--param`s; every task has data."""
+    method_or_none(args.method, parse_params(args.param))
+    check_task_args(args)
+
+
 def run(args: argparse.Namespace) -> int:
     from vlmprune.eval.runner import MANIFEST, EvalConfig, clear_run, load_records, run_grounding, summarize
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CommandError(f"--out {out} is a file, not a directory")
     method = method_or_none(args.method, parse_params(args.param))
     samples = load_task_samples(args)
     rank, world, state = _distributed()

@@ -7,10 +7,11 @@ import json
 import os
 
 from vlmprune.cli._common import CommandError, parse_params
+from vlmprune.cli.arguments import existing_file, key_value, method_name, non_negative_float, positive_int, shape_ref
 from vlmprune.cost import FORMULAS, SHAPES, ModelShape, TokenSchedule, estimate, get_shape, shape_from_config
 from vlmprune.methods import build_method
 
-__all__ = ["add_parser", "resolve_shape", "run"]
+__all__ = ["add_parser", "check", "resolve_shape", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,17 +28,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         required=True,
+        type=shape_ref,
         metavar="SHAPE_OR_CONFIG",
         help=f"a named shape ({', '.join(SHAPES)}), a config.json or model directory, or a Hub id",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--method", metavar="NAME", help="a method (see `vlmprune methods`)")
+    source.add_argument("--method", type=method_name, metavar="NAME", help="a method (see `vlmprune methods`)")
     source.add_argument("--schedule", metavar="SPEC", help="image tokens from each layer on, e.g. 576@0,288@8")
-    source.add_argument("--trace", metavar="FILE", help="a trace saved by `vlmprune generate --save-trace`")
-    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
-    parser.add_argument("--text-tokens", type=float, default=0.0, metavar="N", help="text tokens (default 0)")
+    source.add_argument(
+        "--trace", type=existing_file, metavar="FILE", help="a trace saved by `vlmprune generate --save-trace`"
+    )
     parser.add_argument(
-        "--image-tokens", type=int, metavar="N", help="image tokens before pruning (default: the shape's)"
+        "--param", type=key_value, action="append", default=[], metavar="KEY=VALUE", help="method parameter"
+    )
+    parser.add_argument(
+        "--text-tokens", type=non_negative_float, default=0.0, metavar="N", help="text tokens (default 0)"
+    )
+    parser.add_argument(
+        "--image-tokens", type=positive_int, metavar="N", help="image tokens before pruning (default: the shape's)"
     )
     parser.add_argument("--formula", choices=FORMULAS, default="paper", help="the count the JSON's top level reports")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -66,11 +74,17 @@ def resolve_shape(spec: str) -> ModelShape:
     return shape_from_config(config, name=os.path.basename(spec.rstrip("/")) or spec)
 
 
+def check(args: argparse.Namespace) -> None:
+    """`--param` goes with `--method`, and the method takes it (its layers against the shape come later)."""
+    if args.param and not args.method:
+        raise CommandError("--param applies to --method only")
+    if args.method:
+        build_method(args.method, **parse_params(args.param))
+
+
 def _schedule(args: argparse.Namespace, shape: ModelShape) -> TokenSchedule:
     if args.method:
         return TokenSchedule.from_method(build_method(args.method, **parse_params(args.param)), shape, args.text_tokens)
-    if args.param:
-        raise CommandError("--param applies to --method only")
     if args.schedule:
         return TokenSchedule.parse(args.schedule, shape.layers, args.text_tokens, shape.image_tokens)
     try:
@@ -82,10 +96,6 @@ def _schedule(args: argparse.Namespace, shape: ModelShape) -> TokenSchedule:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.image_tokens is not None and args.image_tokens < 1:
-        raise CommandError(f"--image-tokens must be >= 1, got {args.image_tokens}")
-    if args.text_tokens < 0:
-        raise CommandError(f"--text-tokens cannot be negative, got {args.text_tokens:g}")
     shape = resolve_shape(args.model)
     if args.image_tokens is not None:
         shape = shape.with_image_tokens(args.image_tokens)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from vlmprune.cli._common import CommandError, add_loading_args, load_model, method_or_none, parse_params
+from vlmprune.cli._common import (
+    CommandError,
+    add_loading_args,
+    add_model_arg,
+    load_model,
+    method_or_none,
+    parse_params,
+)
+from vlmprune.cli.arguments import existing_file, key_value, method_or_none_name, output_file, positive_int
 
-__all__ = ["add_parser", "build_prompt", "load_image", "run"]
+__all__ = ["add_parser", "build_prompt", "check", "load_image", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -20,8 +27,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "`vlmprune.prune(model, method)`, and print the answer and the image tokens each stage kept."
         ),
     )
-    parser.add_argument("--model", required=True, metavar="ID_OR_DIR", help="Hub id or local directory")
-    parser.add_argument("--image", required=True, metavar="FILE", help="image file (any format PIL reads)")
+    add_model_arg(parser)
+    parser.add_argument(
+        "--image", required=True, type=existing_file, metavar="FILE", help="image file (any format PIL reads)"
+    )
     parser.add_argument(
         "--prompt",
         required=True,
@@ -29,30 +38,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="question; wrapped in the processor's chat template unless it already contains the image token",
     )
     parser.add_argument(
-        "--method", required=True, metavar="NAME", help="method name (see `vlmprune methods`), or `none`"
+        "--method",
+        required=True,
+        type=method_or_none_name,
+        metavar="NAME",
+        help="method name (see `vlmprune methods`), or `none`",
     )
     parser.add_argument(
         "--param",
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override a method parameter, repeatable; VALUE is a Python literal or a bare string "
         "(e.g. --param layer=3 --param ratio=0.75 --param layers=[8,16])",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
     add_loading_args(parser)
     parser.add_argument(
-        "--save-trace", metavar="FILE", help="write the trace as JSON (kept tokens per stage, tokens per layer)"
+        "--save-trace",
+        type=output_file,
+        metavar="FILE",
+        help="write the trace as JSON (kept tokens per stage, tokens per layer); needs a pruning --method",
     )
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise CommandError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+def check(args: argparse.Namespace) -> None:
+    """The method with its parameters; a trace to save needs a method that prunes."""
     method = method_or_none(args.method, parse_params(args.param))
-    if args.save_trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_trace))):
-        raise CommandError(f"--save-trace {args.save_trace}: its directory does not exist")
+    if method is None and args.save_trace:
+        raise CommandError("--save-trace needs a pruning --method: --method none records no trace")
+
+
+def run(args: argparse.Namespace) -> int:
+    method = method_or_none(args.method, parse_params(args.param))
     image = load_image(args.image)
     processor, model = load_model(args.model, device=args.device, dtype=args.dtype, attn=args.attn)
 

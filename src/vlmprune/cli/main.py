@@ -1,8 +1,17 @@
 """Entry point of the `vlmprune` command.
 
-Each subcommand lives in its own module under `vlmprune.cli`, listed in `SUBCOMMANDS`; the module defines
-`add_parser(subparsers)`, which adds its parser and sets `run` as its default, and `run(args) -> int`.
-User errors (`CommandError`, `VlmpruneError`) become one line on stderr and exit status 2.
+Each subcommand lives in its own module under `vlmprune.cli`, listed in `SUBCOMMANDS`. The module defines:
+
+- `add_parser(subparsers)`: adds its parser and sets `run` as its default. Every argument is declared with a
+  type from `vlmprune.cli.arguments` (or `choices`), so argparse rejects a bad value while parsing.
+- `check(args)`, optional: the checks one argument's type cannot make, across arguments (`--param` against
+  `--method`, `--save-trace` with `--method none`, ...) or against cheap state (a run directory). It raises
+  `CommandError` or `VlmpruneError`, and loads nothing: `main` calls it right after parsing, before `run`.
+- `run(args) -> int`: the work. Checks that need what it loads (a layer against the model's depth) stay
+  there, before the expensive part.
+
+Every user error (argparse's, an argument type's, `check`'s or `run`'s `CommandError` / `VlmpruneError`) is one
+line on stderr, `vlmprune: error: MESSAGE`, and exit status 2; `--help` prints the usage as usual.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import os
 import sys
 
 from vlmprune.cli._common import CommandError
+from vlmprune.cli.arguments import ArgumentParser, one_line
 from vlmprune.errors import VlmpruneError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -33,9 +43,7 @@ SUBCOMMANDS: tuple[str, ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vlmprune", description="Training-free visual-token pruning for Hugging Face VLMs."
-    )
+    parser = ArgumentParser(prog="vlmprune", description="Training-free visual-token pruning for Hugging Face VLMs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"vlmprune.cli.{name}").add_parser(subparsers)
@@ -47,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse has printed usage and its error (status 2) or the help (0)
+    except SystemExit as exit_:  # argparse has printed its one-line error (status 2) or the help (0)
         return exit_.code if isinstance(exit_.code, int) else 2
+    check = getattr(importlib.import_module(f"vlmprune.cli.{args.command}"), "check", None)
     try:
+        if check is not None:
+            check(args)
         return args.run(args)
     except (CommandError, VlmpruneError) as error:
-        print(f"vlmprune: error: {error}", file=sys.stderr)
+        print(f"vlmprune: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlmprune: interrupted", file=sys.stderr)

@@ -11,8 +11,21 @@ import shutil
 import time
 
 from vlmprune.cli._common import CommandError, parse_params
+from vlmprune.cli.arguments import (
+    device,
+    existing_dir,
+    existing_file,
+    key_value,
+    non_negative_int,
+    output_dir,
+    output_file,
+    output_path,
+    positive_float,
+    positive_int,
+    testbed_model_dir,
+)
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "check", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,14 +45,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "continues an interrupted run exactly where it stopped. Logs both accuracies to OUT/log.jsonl."
         ),
     )
-    train.add_argument("--out", required=True, metavar="DIR", help="run directory (checkpoint, log, model/)")
-    train.add_argument("--minutes", type=float, metavar="M", help="stop (with a checkpoint) after M minutes")
-    train.add_argument("--seed", type=int, default=0, help="run seed (default: 0); ignored with --resume")
+    train.add_argument(
+        "--out", required=True, type=output_dir, metavar="DIR", help="run directory (checkpoint, log, model/)"
+    )
+    train.add_argument("--minutes", type=positive_float, metavar="M", help="stop (with a checkpoint) after M minutes")
+    train.add_argument("--seed", type=non_negative_int, default=0, help="run seed (default: 0); ignored with --resume")
     train.add_argument("--resume", action="store_true", help="continue the run in DIR if it has a checkpoint")
-    train.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    train.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    train.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
     train.add_argument(
         "--set",
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -50,11 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--from",
         dest="start_from",
+        type=existing_file,
         metavar="CHECKPOINT",
         help="start DIR from another run's checkpoint (e.g. RUN/checkpoint-vision.pt, to try LM-stage settings "
         "given with --set)",
     )
-    train.add_argument("--max-steps", type=int, metavar="N", help=argparse.SUPPRESS)  # tests
+    train.add_argument("--max-steps", type=non_negative_int, metavar="N", help=argparse.SUPPRESS)  # tests
     train.set_defaults(run=run)
 
     evaluate = actions.add_parser(
@@ -62,12 +79,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a testbed model (unpruned)",
         description="Localization Acc@IoU>=0.5 and other-question accuracy of the unpruned model, greedy decoding.",
     )
-    evaluate.add_argument("--model", metavar="DIR", help="model directory (default: the shipped checkpoint)")
+    evaluate.add_argument(
+        "--model", type=testbed_model_dir, metavar="DIR", help="model directory (default: the shipped checkpoint)"
+    )
     evaluate.add_argument("--split", choices=("test", "train"), default="test", help="scene split (default: test)")
-    evaluate.add_argument("--limit", type=int, default=500, metavar="N", help="number of scenes (default: 500)")
-    evaluate.add_argument("--batch-size", type=int, default=32, metavar="N")
-    evaluate.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
-    evaluate.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    evaluate.add_argument(
+        "--limit", type=positive_int, default=500, metavar="N", help="number of scenes (default: 500)"
+    )
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    evaluate.add_argument(
+        "--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)"
+    )
+    evaluate.add_argument("--json", type=output_file, metavar="FILE", help="also write the result as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run)
 
@@ -81,9 +104,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     export.add_argument(
-        "--run", dest="run_dir", required=True, metavar="DIR", help="a `testbed train` output directory"
+        "--run",
+        dest="run_dir",
+        required=True,
+        type=existing_dir,
+        metavar="DIR",
+        help="a `testbed train` output directory",
     )
-    export.add_argument("--dest", metavar="DIR", help="destination (default: vlmprune/testbed/checkpoint)")
+    export.add_argument(
+        "--dest", type=output_dir, metavar="DIR", help="destination (default: vlmprune/testbed/checkpoint)"
+    )
     export.set_defaults(run=run)
 
     curve = actions.add_parser(
@@ -91,17 +121,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="plot a run's held-out accuracies against images seen",
         description="Draw localization and other-question accuracy (and each question kind) from a training log.",
     )
-    curve.add_argument("log", metavar="LOG", help="a run's log.jsonl (or a shipped training_log.jsonl)")
-    curve.add_argument("--out", default="training_curve.png", metavar="PNG", help="(default: training_curve.png)")
+    curve.add_argument(
+        "log", type=existing_file, metavar="LOG", help="a run's log.jsonl (or a shipped training_log.jsonl)"
+    )
+    curve.add_argument(
+        "--out", type=output_path, default="training_curve.png", metavar="PNG", help="(default: training_curve.png)"
+    )
     curve.set_defaults(run=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    """`train`: the `--set` fields, and what --out holds against --resume / --from; `export`: a run with a model."""
+    if args.testbed_command == "train":
+        _check_train(args)
+    elif args.testbed_command == "export" and not os.path.isfile(os.path.join(args.run_dir, "model", "config.json")):
+        raise CommandError(
+            f"--run {args.run_dir} has no model/ (run `vlmprune testbed train --out {args.run_dir}` first)"
+        )
+
+
+def _check_train(args: argparse.Namespace) -> None:
+    from vlmprune.testbed.train import TrainConfig
+
+    overrides = parse_params(args.set)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise CommandError(
+            f"--set: unknown TrainConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}"
+        )
+    held = os.path.exists(os.path.join(args.out, "checkpoint.pt"))
+    if held and args.start_from is not None:
+        raise CommandError(f"{args.out} already holds a run; --from starts a new run in an empty directory")
+    if held and not args.resume:
+        raise CommandError(f"{args.out} already holds a run; pass --resume to continue it, or another --out")
+    if not held and args.start_from is None:  # a new run: its configuration (a resumed one is checked on load)
+        _new_config(args, overrides)
+
+
+def _new_config(args: argparse.Namespace, overrides: dict[str, object]):
+    from vlmprune.testbed.train import TrainConfig
+
+    try:
+        return TrainConfig(**{**overrides, "seed": overrides.get("seed", args.seed)})  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise CommandError(f"--set: invalid training configuration: {error}") from None
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise CommandError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.testbed_command == "train":
         return _train(args)
@@ -113,30 +183,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vlmprune.testbed.train import TrainConfig, Trainer
+    from vlmprune.testbed.train import Trainer
 
     overrides = parse_params(args.set)
-    if args.minutes is not None and args.minutes <= 0:
-        raise CommandError(f"--minutes must be > 0, got {args.minutes}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise CommandError(f"unknown TrainConfig field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
     os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     with open(os.path.join(args.out, "command.txt"), "a") as handle:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         handle.write(f"{stamp} vlmprune {shlex.join(_argv(args))}\n")
-    if args.start_from is not None:
-        if os.path.exists(checkpoint):
-            raise CommandError(f"{args.out} already holds a run; --from starts a new run in an empty directory")
-        if not os.path.isfile(args.start_from):
-            raise CommandError(f"--from: no checkpoint file {args.start_from}")
+    if args.start_from is not None:  # `check` made sure --out holds no run
         shutil.copyfile(args.start_from, checkpoint)
         args.resume = True
-    if os.path.exists(checkpoint):
-        if not args.resume:
-            raise CommandError(f"{args.out} already holds a run; pass --resume to continue it, or another --out")
+    if os.path.exists(checkpoint):  # with --resume (`check`)
         trainer = Trainer.resume(args.out, device=args.device)
         try:
             trainer.reconfigure(overrides)
@@ -146,11 +204,7 @@ def _train(args: argparse.Namespace) -> int:
             trainer._log({"event": "start_from", "checkpoint": os.path.abspath(args.start_from)})
         print(f"resuming {args.out}: stage {trainer.stage}, step {trainer.step}, {trainer.images} images")
     else:
-        try:
-            config = TrainConfig(**{**overrides, "seed": overrides.get("seed", args.seed)})  # type: ignore[arg-type]
-        except (TypeError, ValueError) as error:
-            raise CommandError(f"invalid training configuration: {error}") from None
-        trainer = Trainer(args.out, config, device=args.device)
+        trainer = Trainer(args.out, _new_config(args, overrides), device=args.device)
     stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps)
     print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
     return 0
@@ -178,10 +232,6 @@ def _eval(args: argparse.Namespace) -> int:
     from vlmprune.testbed.evaluate import evaluate, prior_baseline
     from vlmprune.testbed.model import CHECKPOINT_DIR, load_testbed
 
-    if args.limit < 1:
-        raise CommandError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     path = args.model or str(CHECKPOINT_DIR)
     try:
         processor, model = load_testbed(path)
@@ -219,9 +269,7 @@ _RUN_FILES = {"log.jsonl": "training_log.jsonl", "command.txt": "training_comman
 def _export(args: argparse.Namespace) -> int:
     from vlmprune.testbed.model import CHECKPOINT_DIR
 
-    model_dir = os.path.join(args.run_dir, "model")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CommandError(f"{args.run_dir} has no model/ (run `vlmprune testbed train --out {args.run_dir}` first)")
+    model_dir = os.path.join(args.run_dir, "model")  # `check` found model/config.json there
     sources = {os.path.join(model_dir, name): name for name in sorted(os.listdir(model_dir))}
     sources.update(
         {

@@ -11,8 +11,9 @@ import sys
 import warnings
 
 from vlmprune.cli._common import CommandError
+from vlmprune.cli.arguments import box, existing_file, existing_path, non_negative_int, output_dir
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "check", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -29,19 +30,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", dest="run_dir", metavar="DIR", help="an eval output directory (or its samples.jsonl)")
-    source.add_argument("--trace", metavar="FILE", help="a trace JSON saved by `vlmprune generate --save-trace`")
-    parser.add_argument("--out", metavar="DIR", help="output directory (default with --run: DIR/viz)")
+    source.add_argument(
+        "--run",
+        dest="run_dir",
+        type=existing_path,
+        metavar="DIR",
+        help="an eval output directory (or its samples.jsonl)",
+    )
+    source.add_argument(
+        "--trace", type=existing_file, metavar="FILE", help="a trace JSON saved by `vlmprune generate --save-trace`"
+    )
+    parser.add_argument("--out", type=output_dir, metavar="DIR", help="output directory (default with --run: DIR/viz)")
     parser.add_argument(
-        "--samples", type=int, default=12, metavar="N", help="--run: per-sample pictures to draw (default 12)"
+        "--samples",
+        type=non_negative_int,
+        default=12,
+        metavar="N",
+        help="--run: per-sample pictures to draw (default 12)",
     )
     parser.add_argument(
         "--method", metavar="NAME", help="--run: only records of this method; --trace: the method's name for titles"
     )
     parser.add_argument("--task", metavar="NAME", help="--run: only records of this task")
-    parser.add_argument("--image", metavar="FILE", help="--trace: the image the trace was made with")
+    parser.add_argument(
+        "--image", type=existing_file, metavar="FILE", help="--trace: the image the trace was made with"
+    )
     parser.add_argument(
         "--box",
+        type=box,
         metavar="X1,Y1,X2,Y2",
         help="--trace: the target box, normalised to the original image (0..1)",
     )
@@ -53,19 +69,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "as `vlmprune generate` uses it), pad (original LLaVA-1.5 / do_pad=True), stretch (e.g. Qwen2-VL). "
         "Default: crop",
     )
-    parser.add_argument("--sample", type=int, default=0, metavar="I", help="--trace: which sample of the batch")
+    parser.add_argument(
+        "--sample", type=non_negative_int, default=0, metavar="I", help="--trace: which sample of the batch"
+    )
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def check(args: argparse.Namespace) -> None:
+    """The options that go with --run or with --trace only, and what --trace needs."""
     if args.run_dir is not None:
         for flag in ("image", "box"):
             if getattr(args, flag) is not None:
                 raise CommandError(f"--{flag} applies to --trace only")
-        return _run_dir(args)
+        return
     if args.task is not None:
         raise CommandError("--task applies to --run only")
-    return _run_trace(args)
+    if args.image is None:
+        raise CommandError("--trace needs --image, the image the trace was made with")
+    if args.out is None:
+        raise CommandError("--trace needs --out DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    return _run_dir(args) if args.run_dir is not None else _run_trace(args)
 
 
 def _load_image(path: str):
@@ -115,11 +141,7 @@ def _print_stages(summary: dict) -> None:
 def _run_dir(args: argparse.Namespace) -> int:
     from vlmprune.viz import RECORD_FILE, has_stages, plot_keep_frequency, plot_sample, read_records, summarize
 
-    if args.samples < 0:
-        raise CommandError(f"--samples must be >= 0, got {args.samples}")
     path = args.run_dir if os.path.isfile(args.run_dir) else os.path.join(args.run_dir, RECORD_FILE)
-    if not os.path.isdir(args.run_dir) and not os.path.isfile(args.run_dir):
-        raise CommandError(f"run directory {args.run_dir!r} does not exist")
     if not os.path.isfile(path):
         raise CommandError(f"{path!r} does not exist: is {args.run_dir!r} a `vlmprune eval` output directory?")
     with warnings.catch_warnings(record=True) as caught:
@@ -202,24 +224,9 @@ def _method_label(records_path: str, method: str) -> str:
     return f"{method} ({changed or 'defaults'})"
 
 
-def _parse_box(text: str) -> list[float]:
-    from vlmprune.viz.frame import validate_box
-
-    try:
-        box = [float(v) for v in text.split(",")]
-        return list(validate_box(box))
-    except ValueError as error:
-        raise CommandError(f"--box expects x1,y1,x2,y2 normalised to 0..1 (e.g. 0.1,0.2,0.5,0.9): {error}") from None
-
-
 def _run_trace(args: argparse.Namespace) -> int:
     from vlmprune.viz import plot_sample, record_from_trace, summarize
 
-    if args.image is None:
-        raise CommandError("--trace needs --image, the image the trace was made with")
-    if args.out is None:
-        raise CommandError("--trace needs --out DIR")
-    box = _parse_box(args.box) if args.box is not None else None
     try:
         with open(args.trace, encoding="utf-8") as handle:
             trace = json.load(handle)
@@ -235,7 +242,7 @@ def _run_trace(args: argparse.Namespace) -> int:
             trace,
             image=args.image,
             image_size=image.size,
-            target_box=box,
+            target_box=list(args.box) if args.box is not None else None,
             frame=args.frame,
             sample=args.sample,
             method=args.method,
