@@ -49,6 +49,8 @@ CASES = {
     "random": ("random", {}, 1),
     "uniform": ("uniform", {"layer": 2}, 1),
     "knn": ("knn", {"layer": 2}, 1),
+    "vispruner": ("vispruner", {"keep": 40}, 1),
+    "vispruner-ratio-original-positions": ("vispruner", {"keep": None, "ratio": 0.7, "positions": "original"}, 1),
     "fastv-text-mean": ("fastv", {"query": "text_mean"}, 2),
 }
 

@@ -20,6 +20,7 @@ KNOBS: dict[str, tuple[str, float, float]] = {
     "knn": ("ratio", 0.0, 0.99),
     "uniform": ("ratio", 0.0, 0.99),
     "pdrop": ("lam", 0.01, 0.99),
+    "vispruner": ("ratio", 0.0, 0.99),
 }
 
 
@@ -36,13 +37,13 @@ def match_flops(
     knob, low, high = KNOBS[method.name]
     if method.name == "uniform":
         method = replace(method, stride=None)  # a fixed stride ignores the budget
-    if getattr(method, "keep", None) is not None and knob == "ratio":
-        method = replace(method, keep=None)  # a token count would override the ratio being matched
+    # a token count would override the ratio being matched (set together: VisPruner takes one or the other)
+    overrides = {"keep": None} if getattr(method, "keep", None) is not None and knob == "ratio" else {}
     best, best_gap = method, float("inf")
     for i in range(round((high - low) / 0.001) + 1):
         value = round(low + 0.001 * i, 3)
         try:
-            candidate = replace(method, **{knob: value})
+            candidate = replace(method, **overrides, **{knob: value})
             reduction = estimate(shape, TokenSchedule.from_method(candidate, shape, text_tokens), formula).reduction
         except (BudgetError, ValueError):
             continue

@@ -14,6 +14,7 @@ from vlmprune.methods.knn_prune import KnnPrune
 from vlmprune.methods.pyramid_drop import PyramidDrop
 from vlmprune.methods.random_prune import RandomPrune
 from vlmprune.methods.uniform_prune import UniformPrune
+from vlmprune.methods.vispruner import VisPruner
 
 __all__ = [
     "METHODS",
@@ -24,13 +25,14 @@ __all__ = [
     "PyramidDrop",
     "RandomPrune",
     "UniformPrune",
+    "VisPruner",
     "build_method",
     "list_methods",
     "method_parameters",
 ]
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune)
+    cls.name: cls for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune, VisPruner)
 }
 
 

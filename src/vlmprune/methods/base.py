@@ -31,6 +31,7 @@ PARAMETER_HELP: dict[str, str] = {
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
     "top_up": "fill each sample's union to the members' total count, so every sample keeps as many tokens",
     "k": "neighbours per density estimate (DPC-KNN)",
+    "important_ratio": "VisPruner's r: the budget's share chosen by vision-encoder attention, the rest for diversity",
     "per_sample": "each sample of a batch draws its own random scores (otherwise a sample draws the same alone)",
 }
 
