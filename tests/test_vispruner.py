@@ -3,13 +3,17 @@ against the vision tower's own eager attention maps (CLIP with [CLS], SigLIP wit
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import LlavaConfig, LlavaProcessor, SiglipVisionConfig
 
 import vlmprune
 from conftest import IMAGE_SIZE, PATCH, random_image
+from eval_data import write_refer
 from vlmprune.adapters import get_adapter
+from vlmprune.cli.main import main
 from vlmprune.criteria import ImportantDiverse, SelectionContext, VisionAttention
 from vlmprune.criteria.base import kept_positions
 from vlmprune.criteria.visual_cues import deduplicate
@@ -281,3 +285,31 @@ def test_a_model_whose_features_span_several_vision_layers_is_refused(tiny_confi
         vlmprune.prune(model, vlmprune.build_method("vispruner")),
     ):
         pass
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def test_generate_compare_viz_and_bench_run_vispruner(small_model_dir, tmp_path, capsys):
+    random_image(0).save(tmp_path / "image.png")
+    trace = tmp_path / "trace.json"
+    args = ["generate", "--model", small_model_dir, "--image", str(tmp_path / "image.png"), "--prompt", "what is it"]
+    assert main([*args, "--method", "vispruner", "--param", "keep=40", "--save-trace", str(trace)]) == 0
+    assert "before the language model; the projector ran on every image token), kept 40/144" in capsys.readouterr().out
+    assert json.loads(trace.read_text())["image_tokens_per_layer"] == [[40] * 6]
+
+    data, out = write_refer(tmp_path / "data", n_refs=2), tmp_path / "compare"
+    compare = ["compare", "--model", small_model_dir, "--methods", "vispruner", "--match-flops", "0.5"]
+    where = ["--tasks", "refcoco", "--data", str(data), "--out", str(out), "--batch-size", "2"]
+    assert main([*compare, *where, "--max-new-tokens", "4"]) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in rows] == ["unpruned", "vispruner"] and abs(rows[1]["flops_reduction"] - 0.5) < 0.02
+    pytest.importorskip("matplotlib")
+    assert main(["viz", "--run", str(out / "vispruner"), "--out", str(tmp_path / "viz"), "--samples", "1"]) == 0
+    summary = json.loads((tmp_path / "viz" / "summary.json").read_text())
+    assert summary["stages"][0]["layer"] == 0
+
+    bench = ["bench", "--shape", "llava-tiny", "--methods", "vispruner", "--batch", "2", "--repeats", "1"]
+    assert main([*bench, "--warmup", "0", "--new-tokens", "2", "--out", str(tmp_path / "bench")]) == 0
+    measured = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert any(r["label"] == "vispruner" for r in measured["results"])

@@ -18,7 +18,7 @@ import torch
 
 from vlmprune.cost import TokenSchedule, estimate, match_flops, shape_from_config
 from vlmprune.engine import prune
-from vlmprune.methods import FastV, Feather, KnnPrune, Method, PyramidDrop, RandomPrune, UniformPrune
+from vlmprune.methods import FastV, Feather, KnnPrune, Method, PyramidDrop, RandomPrune, UniformPrune, VisPruner
 from vlmprune.testbed.evaluate import evaluate
 from vlmprune.testbed.scenes import eval_questions
 from vlmprune.viz.analysis import mean_vertical_position
@@ -47,7 +47,8 @@ def demo_methods(depth: int) -> dict[str, Method]:
 
     FastV prunes early (about a tenth of the depth, the paper's K=3 of 32), and so do the single-stage
     criteria FEATHER ablates (uniform, KNN) and the random baseline; PyramidDrop at a quarter, half and three
-    quarters; FEATHER at a quarter and a half (its 8 and 16 of 32). Every method of `list_methods()` is here.
+    quarters; FEATHER at a quarter and a half (its 8 and 16 of 32); VisPruner before the language model, as in
+    its paper. Every method of `list_methods()` is here.
     """
     early, quarter = max(1, round(depth / 10)), max(1, depth // 4)
     return {
@@ -58,6 +59,7 @@ def demo_methods(depth: int) -> dict[str, Method]:
         "random": RandomPrune(layer=early),
         "pdrop": PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter)),
         "feather": Feather(layers=(quarter, 2 * quarter)),
+        "vispruner": VisPruner(),
     }
 
 
