@@ -39,10 +39,12 @@ class ImportantDiverse(Criterion):
     vision features before the projector (`deduplicate`). Kept: the important and the surviving residual tokens.
     With `T_div = 0` only the important ones.
 
-    Differences from the official code, all in what it leaves to chance or gets wrong: sorts are stable (ties to
-    the earlier token; `argsort` there is not), scores and cosines are float32 (the model's dtype there), and a
-    residual list of odd length works (the code's `R // 2` indexing fails there, so only even lengths ran), and so
-    does a round asked to drop more tokens than A holds (all of A goes; the code fails, which `T_div < 8` hits).
+    Differences from the official code, only where it leaves the result to chance or fails:
+    - sorts are stable, ties going to the earlier token (`argsort` there is not stable);
+    - attention, features and cosines are float32 (the model's dtype there, fp16);
+    - a residual list of odd length works, A being its ceil(R/2) even positions (the code's `R // 2` indexing
+      raises there, so only even lengths ever ran);
+    - a round asked to drop more than A holds drops all of A (the code raises; `T_div < 8` reaches such a round).
     """
 
     important_ratio: float = 0.5
