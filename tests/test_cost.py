@@ -56,6 +56,38 @@ def test_feather_projected_counts_match_the_paper():
     assert schedule.image_tokens[16] == 24
 
 
+def test_vispruner_prunes_every_decoder_layer_to_its_budget():
+    schedule = TokenSchedule.from_method(vlmprune.build_method("vispruner"), LLAVA, 35)
+    assert schedule.image_tokens == (128.0,) * 32  # 576 -> 128 before layer 0: the paper's -77.8%
+    matched = vlmprune.build_method("vispruner", keep=None, ratio=1 - 128 / 576)
+    assert TokenSchedule.from_method(matched, LLAVA).image_tokens == schedule.image_tokens
+
+
+@pytest.mark.parametrize(
+    ("method", "keep", "published_tflops"),
+    [("vispruner", 640, 11.5), ("vispruner", 160, 3.8), ("fastv", 640, 13.5), ("fastv", 160, 6.3)],
+)
+def test_vispruner_paper_flops_table_on_llava_next_7b(method, keep, published_tflops):
+    """VisPruner's efficiency table (project page; LLaVA-NeXT-7B on POPE, 2880 image tokens = 5 crops x 576):
+    unpruned 43.6 TFLOPs; 640 and 160 tokens kept (T = 128 and 32 per crop).
+
+    The paper states no formula, and its numbers fit none exactly. FLOPs there are 2 per multiply-accumulate;
+    our exact count (vision tower, projector, GQA-aware layers, LM head) with POPE's ~60 text tokens gives the
+    unpruned model 42.3 TFLOPs (-3%), the reductions of the 640-token rows to 0.1 points and those of the
+    160-token rows within 3 points (88.6% vs 91.3% for VisPruner, 83.1% vs 85.6% for FastV at K=2).
+    """
+    shape = get_shape("llava-next-7b")
+    report = cost_of(shape, method, "exact", text_tokens=60, keep=keep)
+    assert 2 * report.baseline_prefill_flops / 1e12 == pytest.approx(43.6, rel=0.04)
+    assert report.reduction == pytest.approx(1 - published_tflops / 43.6, abs=0.03)
+
+
+def test_flops_command_says_the_projector_runs_on_every_token_when_pruning_before_the_llm(capsys):
+    assert main(["flops", "--model", "llava-1.5-7b", "--method", "vispruner", "--text-tokens", "35"]) == 0
+    out = capsys.readouterr().out
+    assert "128 from layer 0" in out and "projector still run on all 576 image tokens" in out
+
+
 def test_exact_count_adds_the_encoder_and_head_and_grows_with_gqa_savings():
     schedule = TokenSchedule.unpruned(LLAVA, 35)
     exact, paper = prefill_flops(LLAVA, schedule, "exact"), prefill_flops(LLAVA, schedule, "paper-3ndm")

@@ -7,7 +7,7 @@ import torch
 
 import vlmprune
 from vlmprune.methods import METHODS
-from vlmprune.reference import reference_greedy, reference_logits
+from vlmprune.reference import pre_llm_greedy, pre_llm_logits, reference_greedy, reference_logits
 
 # Every registered method, with parameters that fit a 6-layer model; extra rows cover policy variants.
 METHOD_CASES = {
@@ -31,6 +31,12 @@ METHOD_CASES = {
     "knn-ratio": ("knn", {"layer": 2, "keep": None, "ratio": 0.75}),
     "btp": ("btp", {"layers": (1, 2, 3, 4)}),
     "btp-paper-renumbered": ("btp", {"variant": "paper", "layers": (2, 3, 4, 5), "positions": "renumbered"}),
+    "vispruner": ("vispruner", {}),
+    "vispruner-original-positions-odd-residual": (
+        "vispruner",
+        {"keep": 41, "important_ratio": 0.3, "positions": "original"},
+    ),
+    "vispruner-ratio": ("vispruner", {"keep": None, "ratio": 0.75}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 
@@ -113,6 +119,36 @@ def test_padded_batch_equals_samples_run_alone(models, make_inputs, case):
             alone = model.generate(**single, max_new_tokens=8, do_sample=False)[:, single["input_ids"].shape[1] :]
             assert torch.equal(together[b], alone[0]), f"sample {b} differs"
             assert [stage.kept[0].tolist() for stage in trace.stages] == [k[b] for k in kept_together]
+
+
+# the cases that prune once, before the language model
+PRE_LLM_CASES = [
+    case
+    for case, (name, params) in METHOD_CASES.items()
+    if [s.layer for s in vlmprune.build_method(name, **params).stages()] == [0]
+]
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", PRE_LLM_CASES)
+def test_pruning_before_the_llm_equals_the_llm_run_on_the_kept_embeddings_alone(models, make_inputs, backend, case):
+    model = models[backend]
+    name, params = METHOD_CASES[case]
+    method = vlmprune.build_method(name, **params)
+    renumber = method.stages()[0].positions == "renumbered"
+    inputs = make_inputs(PROMPTS)
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        logits = model(**inputs, position_ids=positions(inputs)).logits
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert [t.item() for t in trace.tokens_per_layer[:, 0]] == [t.item() for t in trace.tokens_per_layer[:, -1]]
+    expected = pre_llm_logits(model, inputs, trace, renumber)
+    rows = trace.output_index
+    for b, (columns, reference) in enumerate(expected):
+        real = rows[b] >= 0
+        assert torch.equal(rows[b, real], columns)
+        torch.testing.assert_close(logits[b, real], reference, atol=2e-4, rtol=1e-4)
+    for b, tokens in enumerate(pre_llm_greedy(model, inputs, trace, renumber, 6)):
+        assert torch.equal(generated[b], tokens), f"sample {b}"
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])

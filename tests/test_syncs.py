@@ -50,6 +50,8 @@ CASES = {
     "uniform": ("uniform", {"layer": 2}, 1),
     "knn": ("knn", {"layer": 2, "keep": 40}, 1),
     "btp": ("btp", {"layers": (1, 2, 3, 4)}, 1),
+    "vispruner": ("vispruner", {"keep": 40}, 1),
+    "vispruner-ratio-original-positions": ("vispruner", {"keep": None, "ratio": 0.7, "positions": "original"}, 1),
     "fastv-text-mean": ("fastv", {"query": "text_mean"}, 2),
     "fastv-all": ("fastv", {"query": "all"}, 1),
     "pdrop-keep": ("pdrop", {"layers": (2, 3, 5), "keep": 20}, 1),

@@ -4,6 +4,10 @@ It never gathers rows or touches the cache: every layer runs on the whole sequen
 layer on the tokens that stage dropped are hidden from every query by the attention mask. With renumbered
 positions, the tokens still alive at a layer get positions 0, 1, 2, ... in order. The tests and `vlmprune env`'s
 self-check compare pruned runs against it; it runs the eager and sdpa backends, on CPU tensors.
+
+For a method that prunes once before the language model (a stage at layer 0) there is a second, more direct
+reference (`pre_llm_logits`, `pre_llm_greedy`): the unmodified language model run, one sample at a time and
+with no hook on it, on only the input embeddings the method kept, with the positions it defines.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ import torch
 from vlmprune.adapters import get_adapter
 from vlmprune.trace import Trace
 
-__all__ = ["alive_per_layer", "positions_from_mask", "reference_greedy", "reference_logits"]
+__all__ = [
+    "alive_per_layer",
+    "positions_from_mask",
+    "pre_llm_greedy",
+    "pre_llm_logits",
+    "reference_greedy",
+    "reference_logits",
+]
 
 
 def alive_per_layer(model, input_ids, attention_mask, trace: Trace) -> list[torch.Tensor]:
@@ -106,3 +117,79 @@ def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], ne
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     return torch.cat(out, dim=1)
+
+
+class _Captured(Exception):
+    """Stops a forward once the decoder stack's input embeddings are captured."""
+
+
+def _input_embeddings(model, inputs: dict) -> torch.Tensor:
+    """(batch, seq, hidden) embeddings the decoder stack receives (text embeddings with the image features merged)."""
+    captured = {}
+
+    def hook(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"]
+        raise _Captured
+
+    handle = get_adapter(model).text_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured["embeds"]
+
+
+def _kept_inputs(model, inputs: dict, trace: Trace, renumber: bool) -> list[tuple[torch.Tensor, ...]]:
+    """Per sample, (kept input columns, their embeddings (1, n, hidden), their position ids (1, n))."""
+    if len(trace.stages) != 1 or trace.stages[0].layer != 0:
+        raise ValueError("the pre-LLM reference needs a trace with one stage, at layer 0")
+    embeds = _input_embeddings(model, inputs)
+    image = get_adapter(model).image_token_mask(inputs["input_ids"])
+    image_id = torch.where(image, image.long().cumsum(1) - 1, -1)
+    valid = inputs["attention_mask"].bool()
+    positions = positions_from_mask(inputs["attention_mask"])
+    samples = []
+    for b, kept in enumerate(trace.stages[0].kept):
+        keep_image = torch.zeros(int(image[b].sum()), dtype=torch.bool)
+        keep_image[kept] = True
+        columns = torch.nonzero(valid[b] & (~image[b] | keep_image[image_id[b].clamp(min=0)])).flatten()
+        position_ids = torch.arange(columns.numel()) if renumber else positions[b, columns]
+        samples.append((columns, embeds[b, columns][None], position_ids[None]))
+    return samples
+
+
+def _unpacked(position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`position_ids` with an explicit all-ones mask: without a mask, transformers reads a jump in the positions
+    as the start of another packed sequence and hides everything before it."""
+    return {"position_ids": position_ids, "attention_mask": torch.ones_like(position_ids)}
+
+
+@torch.no_grad()
+def pre_llm_logits(model, inputs: dict, trace: Trace, renumber: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sample, (its kept input columns, ascending; their (n, vocab) logits) from the unmodified model run on the
+    kept embeddings alone, at positions 0..n-1 (`renumber`) or at each kept token's original position."""
+    out = []
+    for columns, embeds, position_ids in _kept_inputs(model, inputs, trace, renumber):
+        logits = model(inputs_embeds=embeds, **_unpacked(position_ids), use_cache=False).logits[0]
+        out.append((columns, logits))
+    return out
+
+
+@torch.no_grad()
+def pre_llm_greedy(model, inputs: dict, trace: Trace, renumber: bool, new_tokens: int) -> list[torch.Tensor]:
+    """Per sample, the (new_tokens,) greedy continuation of the unmodified model on the kept embeddings alone,
+    recomputed from scratch each step; each new token takes the position after the previous one."""
+    embedding = model.get_input_embeddings()
+    out = []
+    for _, embeds, position_ids in _kept_inputs(model, inputs, trace, renumber):
+        tokens = []
+        for _ in range(new_tokens):
+            logits = model(inputs_embeds=embeds, **_unpacked(position_ids), use_cache=False).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+            tokens.append(token[0])
+            embeds = torch.cat([embeds, embedding(token).to(embeds.dtype)], dim=1)
+            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+        out.append(torch.cat(tokens))
+    return out

@@ -146,5 +146,6 @@ class Trace:
         lines = []
         for i, stage in enumerate(self.stages):
             counts = ", ".join(f"{k}/{n}" for k, n in zip(stage.n_kept, stage.n_before, strict=True))
-            lines.append(f"stage {i}: before layer {stage.layer}, kept {counts} image tokens")
+            where = " (before the language model; the projector ran on every image token)" if stage.layer == 0 else ""
+            lines.append(f"stage {i}: before layer {stage.layer}{where}, kept {counts} image tokens")
         return "\n".join(lines)

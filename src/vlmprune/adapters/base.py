@@ -6,12 +6,12 @@ The engine asks the adapter; nothing else knows a model's layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter"]
+__all__ = ["ModelAdapter", "vit_attention"]
 
 
 class ModelAdapter(ABC):
@@ -48,6 +48,22 @@ class ModelAdapter(ABC):
     def vision_feature_module(self) -> nn.Module | None:
         """A module whose first positional input is the vision features before the projector, or None."""
         return None
+
+    @property
+    def vision_attention_layer(self) -> nn.Module | None:
+        """The vision-encoder layer whose attention ranks the image tokens (VisPruner), or None if unknown.
+
+        A forward pre-hook on it hands the layer's input to `vision_attention`; nothing else of the tower changes.
+        """
+        return None
+
+    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(images, image tokens of one image) float32: the attention each image token receives at `layer`.
+
+        Computed from the layer's input `hidden` (images, tokens, width) with the layer's own norm and q/k
+        projections, for the rows needed only; columns in image-token order (a [CLS] column dropped).
+        """
+        raise NotImplementedError(f"{self.family} models expose no vision-encoder attention")
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -128,6 +144,34 @@ class ModelAdapter(ABC):
     ) -> torch.Tensor:
         """The position ids the decoder stack uses when the caller passes none (`past` may be a device scalar)."""
         return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
+
+
+def vit_attention(
+    layer: nn.Module, hidden: torch.Tensor, query: Literal["first", "mean"], chunk: int = 256
+) -> torch.Tensor:
+    """(images, tokens) float32 attention each token receives at a ViT layer (CLIP, SigLIP), mean over heads.
+
+    `layer` is a pre-norm encoder layer with `layer_norm1` and `self_attn` (`q_proj`, `k_proj`, `head_dim`,
+    `scale`); `hidden` (images, tokens, width) is its input. `query="first"` is the first token's ([CLS]) attention
+    row; `"mean"` averages every query's row (the attention a token receives), `chunk` query rows at a time so
+    the whole (heads, tokens, tokens) map never exists at once. The softmax runs in float32 over every key (these
+    towers attend without a mask), as eager attention's `attentions[layer]` would give it.
+    """
+    attn = layer.self_attn
+    with torch.no_grad():
+        x = layer.layer_norm1(hidden)
+        images, tokens = x.shape[:2]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (images, rows, width) -> (images, heads, rows, head_dim)
+            return t.view(images, t.shape[1], -1, attn.head_dim).transpose(1, 2).float()
+
+        keys = heads(attn.k_proj(x))
+        rows = x[:, :1] if query == "first" else x
+        received = keys.new_zeros(images, keys.shape[1], tokens)
+        for start in range(0, rows.shape[1], chunk):
+            q = heads(attn.q_proj(rows[:, start : start + chunk]))
+            received += torch.softmax(q @ keys.transpose(-1, -2) * attn.scale, dim=-1).sum(dim=2)
+        return (received / rows.shape[1]).mean(dim=1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ def _variants(args: argparse.Namespace) -> list:
         method = build_method(name, **per_method.get(name, {}))
         if len(variants) == 1:  # the engine's own cost: hooks, scoring and gathering, with every token kept
             layer = method.stages()[0].layer
-            keep_all = build_method("fastv", layer=layer, ratio=0.0)
+            # at layer 0 no layer comes before the cut: FastV scores with layer 0's own q/k there
+            keep_all = build_method("fastv", layer=layer, ratio=0.0, scoring="after" if layer == 0 else "before")
             variants.append(Variant(f"keep-all at layer {layer} (engine overhead)", keep_all))
         variants.append(Variant(name, method))
         if name == "fastv" and not args.no_original_fastv:

@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"schedule ({schedule.source}): {_describe(schedule)}; mean {chosen.mean_image_tokens:.1f} image tokens/layer"
     )
+    if schedule.image_tokens[0] < shape.image_tokens:
+        print(
+            f"pruned before the language model: the vision tower and the projector still run on all "
+            f"{shape.image_tokens} image tokens (only 'exact' counts them)"
+        )
     print(f"{'formula':11s} {'unpruned TFLOPs':>15s} {'pruned TFLOPs':>13s} {'ratio':>7s} {'reduction':>9s}")
     for formula, report in reports.items():
         print(

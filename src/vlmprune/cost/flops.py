@@ -49,7 +49,8 @@ def _layer_decode(shape: ModelShape, keys: float, formula: Formula) -> float:
 
 
 def _encoder_flops(shape: ModelShape) -> float:
-    """Vision tower (all images) and projector (all image tokens): pruning inside the LLM leaves them as they are."""
+    """Vision tower (all images) and projector (all image tokens): pruning leaves them as they are, also before the
+    LLM (VisPruner), where the projector still runs on every image token and the LLM gets the kept rows."""
     vision = shape.vision
     if vision is None:
         return 0.0

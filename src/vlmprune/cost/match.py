@@ -21,6 +21,7 @@ KNOBS: dict[str, tuple[str, float, float]] = {
     "uniform": ("ratio", 0.0, 0.99),
     "pdrop": ("lam", 0.01, 0.99),
     "btp": ("scale", 0.01, 12.0),  # up to every stage but the last keeping all
+    "vispruner": ("ratio", 0.0, 0.99),
 }
 
 

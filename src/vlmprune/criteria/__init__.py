@@ -7,15 +7,18 @@ from vlmprune.criteria.ensemble import Ensemble
 from vlmprune.criteria.knn import KnnDensity
 from vlmprune.criteria.random import RandomScore
 from vlmprune.criteria.uniform import Uniform
+from vlmprune.criteria.visual_cues import ImportantDiverse, VisionAttention
 
 __all__ = [
     "Attention",
     "Balanced",
     "Criterion",
     "Ensemble",
+    "ImportantDiverse",
     "KnnDensity",
     "RandomScore",
     "ScoredCriterion",
     "SelectionContext",
     "Uniform",
+    "VisionAttention",
 ]

@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from vlmprune.errors import VlmpruneError
 from vlmprune.tensors import on_device
 
 __all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext", "keep_top", "kept_positions"]
@@ -49,6 +50,7 @@ class SelectionContext:
     attention_fn: AttentionFn | None = None
     vision_features_fn: Callable[[], list[torch.Tensor]] | None = None
     hidden_states_fn: Callable[[], torch.Tensor] | None = None
+    vision_attention_fn: Callable[[], list[torch.Tensor]] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -120,6 +122,20 @@ class SelectionContext:
             self._cache["hidden"] = self.hidden_states_fn()
         return self._cache["hidden"]
 
+    def vision_attention(self) -> torch.Tensor:
+        """(batch, m) float32 vision-encoder attention each present image token receives (see
+        `ModelAdapter.vision_attention`); 0 in padding slots."""
+        if self.vision_attention_fn is None:
+            raise VlmpruneError(
+                "the vision encoder's attention was not captured: this criterion needs the model to encode the "
+                "images (pixel_values) in the same forward as the prompt"
+            )
+        if "vision_attention" not in self._cache:
+            scores = torch.nn.utils.rnn.pad_sequence(list(self.vision_attention_fn()), batch_first=True)
+            scores = torch.gather(scores.to(self.image_ids.device), 1, self.image_ids.clamp(min=0))
+            self._cache["vision_attention"] = scores.float().masked_fill(~self.present, 0.0)
+        return self._cache["vision_attention"]
+
 
 def keep_top(order: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
     """(batch, m) keep mask of the first `budgets[b]` slots of each row of `order` (slots, best first)."""
@@ -136,7 +152,8 @@ class Criterion(ABC):
     """Chooses which present image tokens a stage keeps.
 
     `requires` names the inputs the engine must capture: "attention" (queries and keys of the scoring
-    layer) and/or "vision_features" (the vision encoder's features before the projector).
+    layer), "vision_features" (the vision encoder's features before the projector) and/or "vision_attention"
+    (the attention image tokens receive in the vision encoder, `ModelAdapter.vision_attention`).
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()

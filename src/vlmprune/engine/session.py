@@ -49,6 +49,7 @@ class _Prefill:
     cache: Any
     full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     vision_features: torch.Tensor | None = None
+    vision_attention: torch.Tensor | None = None  # (images, image tokens per image), `adapter.vision_attention`
     probes: dict[int, AttentionProbe] = field(default_factory=dict)
     capacity: int | None = None  # a static cache's length per layer (keys beyond what it holds are unused)
     decoding: bool = False  # a decode step has run on this prefill's cache
@@ -89,6 +90,7 @@ class PruningSession:
         self._input_ids: torch.Tensor | None = None
         self._new_images = False  # whether the current multimodal call got images: a new prompt, not a decode step
         self._vision_features: torch.Tensor | None = None
+        self._vision_attention: torch.Tensor | None = None
         self._run: _Prefill | None = None
         self._validate()
         depth = adapter.num_layers
@@ -119,6 +121,11 @@ class PruningSession:
         needs_vision = any("vision_features" in s.criterion.requires for s in self.stages)
         if needs_vision and self.adapter.vision_feature_module is None:
             raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
+        if self._needs("vision_attention") and self.adapter.vision_attention_layer is None:
+            raise VlmpruneError(
+                f"this {self.adapter.family} model exposes no vision-encoder attention layer for this criterion "
+                "(features taken from several vision layers, or from the embeddings)"
+            )
 
     def install(self) -> None:
         if self.model in _ACTIVE:
@@ -136,6 +143,8 @@ class PruningSession:
             self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
             if any("vision_features" in s.criterion.requires for s in self.stages):
                 self._hook(adapter.vision_feature_module, self._on_vision_features)
+            if self._needs("vision_attention"):
+                self._hook(adapter.vision_attention_layer, self._on_vision_attention)
             for i in range(self._first_hooked_layer, adapter.num_layers):
                 self._hook(adapter.layers[i], self._layer_hook(i))
         except BaseException:
@@ -152,6 +161,10 @@ class PruningSession:
         self._input_ids = None
         self._new_images = False
         self._vision_features = None
+        self._vision_attention = None
+
+    def _needs(self, capture: str) -> bool:
+        return any(capture in s.criterion.requires for s in self.stages)
 
     def _hook(self, module: nn.Module, fn: Any) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
@@ -164,6 +177,10 @@ class PruningSession:
 
     def _on_vision_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._vision_features = args[0] if args else next(iter(kwargs.values()))
+
+    def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._vision_attention = self.adapter.vision_attention(module, hidden)
 
     def _on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
@@ -250,7 +267,7 @@ class PruningSession:
         self.trace.image_tokens_per_layer = torch.tensor([layout.n_image for layout in layouts]).T
         self.trace.output_index = run.current.source
         run.probes.clear()
-        run.vision_features = None
+        run.vision_features = run.vision_attention = None
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
             run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
@@ -302,8 +319,9 @@ class PruningSession:
             cache=cache,
             vision_features=self._vision_features,
             capacity=static_capacity(cache),
+            vision_attention=self._vision_attention,
         )
-        self._vision_features = None
+        self._vision_features = self._vision_attention = None
 
     def _apply_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
         """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout.
@@ -326,6 +344,7 @@ class PruningSession:
             attention_fn=run.probes.pop(s, None),
             vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
             hidden_states_fn=lambda: gather_rows(hidden, image_cols),
+            vision_attention_fn=self._vision_attention_of(run) if run.vision_attention is not None else None,
         )
         keep = stage.criterion.select(ctx, budgets) & present
         n_kept = stage.criterion.counts(ctx, budgets)
@@ -412,6 +431,13 @@ class PruningSession:
             return self.adapter.split_vision_features(run.vision_features, run.n_image)
 
         return features
+
+    def _vision_attention_of(self, run: _Prefill) -> Any:
+        def attention() -> list[torch.Tensor]:  # per sample, (N_b,) in image-token order
+            per_token = run.vision_attention.unsqueeze(-1)  # split as the features are: one channel
+            return [a.squeeze(-1) for a in self.adapter.split_vision_features(per_token, run.n_image)]
+
+        return attention
 
     # Decode ------------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from vlmprune.methods.knn_prune import KnnPrune
 from vlmprune.methods.pyramid_drop import PyramidDrop
 from vlmprune.methods.random_prune import RandomPrune
 from vlmprune.methods.uniform_prune import UniformPrune
+from vlmprune.methods.vispruner import VisPruner
 
 __all__ = [
     "METHODS",
@@ -26,13 +27,15 @@ __all__ = [
     "PyramidDrop",
     "RandomPrune",
     "UniformPrune",
+    "VisPruner",
     "build_method",
     "list_methods",
     "method_parameters",
 ]
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune, BalancedTokenPruning)
+    cls.name: cls
+    for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune, BalancedTokenPruning, VisPruner)
 }
 
 

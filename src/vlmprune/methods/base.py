@@ -42,6 +42,7 @@ PARAMETER_HELP: dict[str, str] = {
     "oversample": "BTP: per stage, attention candidates per attention pick (1 = no positional rebalancing)",
     "scale": "BTP: multiplies every stage's kept fraction (the budget knob of FLOPs matching)",
     "spatial_metric": "BTP: grid distance of the spatial start, 'manhattan' (code) or 'euclidean'",
+    "important_ratio": "VisPruner's r: the budget's share chosen by vision-encoder attention, the rest for diversity",
     "per_sample": "each sample of a batch draws its own random scores (otherwise a sample draws the same alone)",
 }
 

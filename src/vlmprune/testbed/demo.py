@@ -27,6 +27,7 @@ from vlmprune.methods import (
     PyramidDrop,
     RandomPrune,
     UniformPrune,
+    VisPruner,
 )
 from vlmprune.testbed.evaluate import evaluate
 from vlmprune.testbed.scenes import eval_questions
@@ -56,8 +57,8 @@ def demo_methods(depth: int) -> dict[str, Method]:
 
     FastV prunes early (about a tenth of the depth, the paper's K=3 of 32), and so do the single-stage
     criteria FEATHER ablates (uniform, KNN) and the random baseline; PyramidDrop at a quarter, half and three
-    quarters; FEATHER at a quarter and a half (its 8 and 16 of 32); BTP at its code's 3, 6, 14 and 22 of 32.
-    Every method of `list_methods()` is here.
+    quarters; FEATHER at a quarter and a half (its 8 and 16 of 32); BTP at its code's 3, 6, 14 and 22 of 32;
+    VisPruner before the language model, as in its paper. Every method of `list_methods()` is here.
     """
     early, quarter = max(1, round(depth / 10)), max(1, depth // 4)
     btp_layers: list[int] = []
@@ -72,6 +73,7 @@ def demo_methods(depth: int) -> dict[str, Method]:
         "pdrop": PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter)),
         "feather": Feather(layers=(quarter, 2 * quarter)),
         "btp": BalancedTokenPruning(layers=tuple(sorted(set(btp_layers)))),  # fewer stages on a very shallow model
+        "vispruner": VisPruner(),
     }
 
 

@@ -1,0 +1,68 @@
+"""VisPruner (Zhang et al., "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in
+VLMs", ICCV 2025, arXiv 2412.01818)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from vlmprune.budget import Keep
+from vlmprune.criteria import ImportantDiverse
+from vlmprune.methods.base import Method
+from vlmprune.stage import Stage
+
+__all__ = ["VisPruner"]
+
+
+@dataclass
+class VisPruner(Method):
+    """VisPruner: important tokens by the vision encoder's attention, then diverse ones, before the language model.
+
+    Official code: Theia-4869/VisPruner `llava/model/llava_arch.py::encode_images` and
+    `multimodal_encoder/clip_encoder.py` (see `ImportantDiverse` for the selection rules). Of a budget of
+    `keep` = T image tokens per prompt, `int(T·important_ratio)` are the tokens the [CLS] query attends to most at
+    the vision layer whose output is the features (CLIP's layer -2 on LLaVA-1.5; the mean attention received
+    at the last layer for a tower without [CLS], SigLIP), averaged over heads; the rest are chosen by iterative
+    de-duplication of the remaining tokens' pre-projector features (even/odd split of the list, at most 8
+    most-duplicated dropped per round). Defaults T=128 of 576 and r=0.5, the paper's main LLaVA-1.5 setting
+    (`vqav2.sh 128 0.5`).
+
+    Pruning happens before the language model (a stage at layer 0): no decoder layer or KV-cache entry is spent
+    on a dropped token. The vision tower and the projector still run on every image token, as in the official
+    code (which masks the projected features). The kept tokens stay in raster order and, as in the official
+    code, their positions are renumbered consecutively (`positions="original"` keeps each one's position id).
+
+    Budget: `keep` counts a prompt's image tokens together; with several images in one prompt the selection
+    ranks all of them at once (the official code prunes each image, or LLaVA-NeXT crop, to T on its own). Give
+    `ratio` (the fraction of image tokens dropped) with `keep=None` instead of a count.
+    """
+
+    name: ClassVar[str] = "vispruner"
+    paper: ClassVar[str] = "VisPruner, Zhang et al., ICCV 2025 (arXiv 2412.01818)"
+
+    keep: int | None = 128
+    ratio: float | None = None
+    important_ratio: float = 0.5
+    positions: Literal["original", "renumbered"] = "renumbered"
+
+    def __post_init__(self) -> None:
+        if self.keep is None and self.ratio is None:
+            raise ValueError("give keep (image tokens kept) or ratio (fraction dropped), got neither")
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError(
+                f"give keep (image tokens kept) or ratio (fraction dropped), not both: got keep={self.keep}, "
+                f"ratio={self.ratio} (set keep=None to use ratio)"
+            )
+        if self.keep is not None and self.keep < 0:
+            raise ValueError(f"keep (image tokens kept) must be >= 0, got {self.keep}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio (fraction of image tokens dropped) must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.important_ratio <= 1.0:
+            raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio}")
+        if self.positions not in ("original", "renumbered"):
+            raise ValueError(f"positions must be 'original' or 'renumbered', got {self.positions!r}")
+
+    def stages(self) -> list[Stage]:
+        budget = Keep.count(self.keep) if self.keep is not None else Keep.fraction_of_original(1.0 - self.ratio)
+        criterion = ImportantDiverse(important_ratio=self.important_ratio)
+        return [Stage(layer=0, criterion=criterion, budget=budget, positions=self.positions)]
