@@ -359,3 +359,14 @@ def test_first_stage_keeps_what_the_official_rules_pick_from_the_models_own_stat
     hidden = out.hidden_states[2][0, image]
     expected = official_stage(hidden, scores, grid_coords(range(144), 12), 72, 0.3, 0.3, 0.5, 3.7)
     assert trace.stages[0].kept[0].tolist() == expected
+
+
+def test_token_counts_replace_the_fractions():
+    by_first = vlmprune.build_method("btp", keep=144)
+    assert [stage.budget.resolve(576, 576) for stage in by_first.stages()[:3]] == [144, 72, 24]
+    assert by_first.stages()[3].budget.resolve(576, 24) == 0
+    explicit = vlmprune.build_method("btp", keep=(200, 100, 40, 0))
+    assert [stage.budget.resolve(576, 576) for stage in explicit.stages()] == [200, 100, 40, 0]
+    for bad, message in (((200, 100), "2 counts for 4 layers"), ((100, 200, 40, 0), "not increase")):
+        with pytest.raises(vlmprune.VlmpruneError, match=message):
+            vlmprune.build_method("btp", keep=bad)

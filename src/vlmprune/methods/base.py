@@ -28,7 +28,8 @@ PARAMETER_HELP: dict[str, str] = {
     "seed": "random seed of random scores (and of FastV at layer 0)",
     "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
     "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
-    "keep": "image tokens kept, a count overriding ratio/lam (pdrop, feather: one per stage, or the last stage's)",
+    "keep": "image tokens kept, a count overriding ratio/lam (pdrop, feather: per stage or the last's; "
+    "btp: per stage or the first's)",
     "keep_fractions": "each stage's fraction of the original image tokens kept (PyramidDrop: overrides lam; BTP)",
     "score_dtype": "'model': attention rounded to the model's dtype as the official code does; 'float32': exact",
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",

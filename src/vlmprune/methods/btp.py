@@ -72,6 +72,7 @@ class BalancedTokenPruning(Method):
     layers: tuple[int, ...] | None = None
     calibration: str | None = None
     keep_fractions: tuple[float, ...] | None = None
+    keep: int | tuple[int, ...] | None = None  # image-token counts: one per stage, or the first stage's
     attention: tuple[float, ...] | None = None
     diversity: tuple[float, ...] | None = None
     spatial: tuple[float, ...] | None = None
@@ -117,6 +118,8 @@ class BalancedTokenPruning(Method):
                 raise ValueError(f"{name} values must be in [0, 1], got {getattr(self, name)}")
         if list(self.keep_fractions) != sorted(self.keep_fractions, reverse=True):
             raise ValueError(f"keep fractions must not increase from stage to stage, got {self.keep_fractions}")
+        if self.keep is not None:
+            self.keep = self._stage_counts(self.keep)
         if any(x < 1.0 for x in self.oversample):
             raise ValueError(f"oversample values (attention candidates per pick) must be >= 1, got {self.oversample}")
         if not self.scale > 0.0:
@@ -131,10 +134,24 @@ class BalancedTokenPruning(Method):
             if layer == 0 and share > 0:
                 raise ValueError("a stage at layer 0 has no layer before it to score attention: set its share to 0")
 
+    def _stage_counts(self, keep: int | tuple[int, ...]) -> tuple[int, ...]:
+        """Per-stage counts from `keep`: as given, or from the first stage's count in the fractions' proportions."""
+        if isinstance(keep, int):
+            first = self.keep_fractions[0]
+            counts = tuple(int(keep * f / first) if first else 0 for f in self.keep_fractions)
+        else:
+            counts = tuple(int(x) for x in keep)
+        if len(counts) != len(self.layers):
+            raise ValueError(f"keep has {len(counts)} counts for {len(self.layers)} layers (or give one count)")
+        if any(c < 0 for c in counts) or list(counts) != sorted(counts, reverse=True):
+            raise ValueError(f"keep counts must be >= 0 and not increase from stage to stage, got {counts}")
+        return counts
+
     def stages(self) -> list[Stage]:
         stages = []
         for s, layer in enumerate(self.layers):
-            if self.keep_fractions[s] == 0.0:  # the last stage drops every image token: nothing to score
+            drops_all = self.keep[s] == 0 if self.keep is not None else self.keep_fractions[s] == 0.0
+            if drops_all:  # the last stage drops every image token: nothing to score
                 criterion = Balanced(attention=0.0)
             else:
                 criterion = Balanced(
@@ -145,10 +162,11 @@ class BalancedTokenPruning(Method):
                     softmax=self.softmax,
                     spatial_metric=self.spatial_metric,
                 )
-            fraction = min(1.0, self.keep_fractions[s] * self.scale)
-            stages.append(
-                Stage(layer, criterion, Keep.fraction_of_original(fraction), scoring="before", positions=self.positions)
-            )
+            if self.keep is not None:
+                budget = Keep.count(self.keep[s])
+            else:
+                budget = Keep.fraction_of_original(min(1.0, self.keep_fractions[s] * self.scale))
+            stages.append(Stage(layer, criterion, budget, scoring="before", positions=self.positions))
         return stages
 
     def check_model(self, depth: int, image_grids: list[list[tuple[int, int]]]) -> None:
