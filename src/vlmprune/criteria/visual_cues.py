@@ -41,7 +41,8 @@ class ImportantDiverse(Criterion):
 
     Differences from the official code, only where it leaves the result to chance or fails:
     - sorts are stable, ties going to the earlier token (`argsort` there is not stable);
-    - attention, features and cosines are float32 (the model's dtype there, fp16);
+    - attention, features and cosines are float32 (the model's dtype there, fp16), the cosines computed once
+      rather than every round: two scores equal up to rounding may come out in the other order;
     - a residual list of odd length works, A being its ceil(R/2) even positions (the code's `R // 2` indexing
       raises there, so only even lengths ever ran);
     - a round asked to drop more than A holds drops all of A (the code raises; `T_div < 8` reaches such a round).
@@ -99,7 +100,8 @@ def deduplicate(
     positions A and odd positions B; score each A token by its highest cosine similarity to a B token; the new
     list is the A tokens in descending score, less the first k (the most duplicated), then all of B in order.
     A round drops at most all of A (the official code fails there instead: T_div < 8 reaches such a round).
-    Rounds and counts are host integers known in advance; a sample that is done keeps its list as it is.
+    Rounds and counts are host integers known in advance; a sample that is done keeps its list as it is. The
+    cosines of every pair of slots are computed once, (batch, m, m); each round reads its (|A|, |B|) block.
     """
     batch = residual.shape[0]
     widths, rounds, current = [], [], list(lengths)
@@ -117,7 +119,9 @@ def deduplicate(
     widths.append(max(current))
     # (rounds, 3, batch) host counts in one copy to the device: A's length, B's length and each round's drop
     counts = on_device(rounds, residual.device) if rounds else None
-    channels = features.shape[-1]
+    # every cosine a round can ask for, computed once: (batch, m, m); a round gathers its (|A|, |B|) block
+    similarity = features @ features.transpose(1, 2) if rounds else None
+    samples = torch.arange(batch, device=residual.device)[:, None, None]
     for t in range(len(rounds)):
         n_a, n_b, k = counts[t, 0, :, None], counts[t, 1, :, None], counts[t, 2, :, None]
         width, new_width = widths[t], widths[t + 1]
@@ -125,12 +129,8 @@ def deduplicate(
         a, b = cur[:, 0::2], cur[:, 1::2]
         valid_a = torch.arange(a.shape[1], device=cur.device) < n_a
         valid_b = torch.arange(b.shape[1], device=cur.device) < n_b
-
-        def rows(slots: torch.Tensor) -> torch.Tensor:
-            return torch.gather(features, 1, slots.clamp(min=0)[..., None].expand(-1, -1, channels))
-
-        similarity = rows(a) @ rows(b).transpose(1, 2)  # (batch, |A|, |B|)
-        best = similarity.masked_fill(~valid_b[:, None, :], float("-inf")).amax(dim=-1)
+        block = similarity[samples, a.clamp(min=0)[:, :, None], b.clamp(min=0)[:, None, :]]  # (batch, |A|, |B|)
+        best = block.masked_fill(~valid_b[:, None, :], float("-inf")).amax(dim=-1)
         best = best.masked_fill(~valid_a, float("-inf"))  # padding sorts last, behind every real A token
         ranked = torch.sort(best, dim=1, descending=True, stable=True).indices
         a_sorted = torch.gather(a, 1, ranked)
