@@ -112,20 +112,21 @@ def number_in(low: float, high: float, *, low_open: bool = False) -> Callable[[s
     return parse
 
 
+def _int_at_least(text: str, least: int) -> int:
+    value = _int(text)
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer of at least 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer of at least 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_float(text: str) -> float:

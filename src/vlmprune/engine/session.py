@@ -118,8 +118,7 @@ class PruningSession:
                     f"{type(self.method).__name__} prunes before layer {stage.layer}, but the language model "
                     f"has {depth} layers (valid: 0 to {depth - 1})"
                 )
-        needs_vision = any("vision_features" in s.criterion.requires for s in self.stages)
-        if needs_vision and self.adapter.vision_feature_module is None:
+        if self._needs("vision_features") and self.adapter.vision_feature_module is None:
             raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
         if self._needs("vision_attention") and self.adapter.vision_attention_layer is None:
             raise VlmpruneError(
@@ -141,7 +140,7 @@ class PruningSession:
             self._hook(adapter.multimodal_module, self._on_multimodal)
             self._hook(adapter.text_model, self._on_text_model)
             self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
-            if any("vision_features" in s.criterion.requires for s in self.stages):
+            if self._needs("vision_features"):
                 self._hook(adapter.vision_feature_module, self._on_vision_features)
             if self._needs("vision_attention"):
                 self._hook(adapter.vision_attention_layer, self._on_vision_attention)
