@@ -27,10 +27,10 @@ class _BareAdapter(ModelAdapter):
     model_classes = ()
     multimodal_module = text_model = None
 
-    def image_token_mask(self, input_ids):
+    def image_token_mask(self, inputs):
         raise NotImplementedError
 
-    def image_grids(self, image_mask, forward_kwargs):
+    def image_grids(self, image_counts, inputs):
         raise NotImplementedError
 
 

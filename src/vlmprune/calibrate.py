@@ -267,7 +267,7 @@ def count_changed_tokens(
             handles.append(layer.register_forward_pre_hook(before(i), with_kwargs=True))
             handles.append(layer.register_forward_hook(after(i), with_kwargs=True))
         for inputs in batches:
-            image = adapter.image_token_mask(inputs["input_ids"]).to(model.device)
+            image = adapter.image_token_mask(inputs).to(model.device)
             counts = image.sum(dim=1).tolist()
             if min(counts) == 0:
                 raise CalibrationError("a calibration prompt has no image tokens (the processor inserted none)")

@@ -27,10 +27,13 @@ __all__ = [
 ]
 
 
-def alive_per_layer(model, input_ids, attention_mask, trace: Trace) -> list[torch.Tensor]:
-    """Per decoder layer, (batch, seq) bool: tokens not padding and not dropped by a stage at or before it."""
+def alive_per_layer(model, inputs: dict, trace: Trace) -> list[torch.Tensor]:
+    """Per decoder layer, (batch, seq) bool: tokens not padding and not dropped by a stage at or before it.
+
+    `inputs` are the processor's (`input_ids`, `attention_mask` and the images' arguments)."""
     adapter = get_adapter(model)
-    image = adapter.image_token_mask(input_ids)
+    attention_mask = inputs["attention_mask"]
+    image = adapter.image_token_mask(inputs)
     image_id = torch.where(image, image.long().cumsum(1) - 1, -1)
     valid = attention_mask.bool()
     alive, current = [], valid.clone()
@@ -82,7 +85,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) -> torch.Tensor:
     """(batch, seq, vocab) logits of the masked unpruned model, with the kept sets of `trace`."""
-    alive = alive_per_layer(model, inputs["input_ids"], inputs["attention_mask"], trace)
+    alive = alive_per_layer(model, inputs, trace)
     position_ids = positions_from_mask(inputs["attention_mask"])
     handles = _install(model, alive, renumber, position_ids)
     try:
@@ -95,7 +98,7 @@ def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) ->
 @torch.no_grad()
 def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], new_tokens: int) -> torch.Tensor:
     """(batch, new_tokens) greedy continuation of the masked unpruned model, recomputed from scratch each step."""
-    alive = alive_per_layer(model, inputs["input_ids"], inputs["attention_mask"], trace)
+    alive = alive_per_layer(model, inputs, trace)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     out = []
@@ -146,7 +149,7 @@ def _kept_inputs(model, inputs: dict, trace: Trace, renumber: bool) -> list[tupl
     if len(trace.stages) != 1 or trace.stages[0].layer != 0:
         raise ValueError("the pre-LLM reference needs a trace with one stage, at layer 0")
     embeds = _input_embeddings(model, inputs)
-    image = get_adapter(model).image_token_mask(inputs["input_ids"])
+    image = get_adapter(model).image_token_mask(inputs)
     image_id = torch.where(image, image.long().cumsum(1) - 1, -1)
     valid = inputs["attention_mask"].bool()
     positions = positions_from_mask(inputs["attention_mask"])

@@ -6,7 +6,8 @@ The engine asks the adapter; nothing else knows a model's layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -84,14 +85,20 @@ class ModelAdapter(ABC):
         return any(forward_kwargs.get(name) is not None for name in self.image_arguments)
 
     @abstractmethod
-    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) bool: which tokens are image tokens."""
+    def image_token_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(batch, seq) bool: which tokens are prunable image tokens.
+
+        `inputs` are the multimodal forward's keyword arguments (`input_ids` always among them, and what the family
+        passes with its images: `image_sizes`, `image_grid_thw`, ...). Tokens of an image that are never pruned
+        (LLaVA-NeXT's row-end newlines) are not image tokens here: the engine keeps them as it keeps text.
+        """
 
     @abstractmethod
-    def image_grids(self, image_counts: list[int], forward_kwargs: dict) -> list[list[tuple[int, int]]]:
-        """Per sample, (rows, cols) of each image's token grid, in prompt order.
+    def image_grids(self, image_counts: list[int], inputs: Mapping[str, Any]) -> list[list[tuple[int, int]]]:
+        """Per sample, (rows, cols) of each image's (or crop's, or frame's) grid of image tokens, in prompt order.
 
-        `image_counts[b]` is sample b's number of image tokens; `forward_kwargs` are the decoder stack's.
+        `image_counts[b]` is sample b's number of image tokens; `inputs` as for `image_token_mask`. The grids of a
+        sample cover its image tokens in order: their rows x cols sum to its count.
         """
 
     def split_vision_features(self, features: torch.Tensor, n_image_tokens: list[int]) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -79,10 +80,10 @@ class LlavaAdapter(ModelAdapter):
         received = vit_attention(layer, hidden, "first" if self.has_cls else "mean")
         return received[:, 1:] if self._drop_first_column else received
 
-    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return input_ids == self.image_token_id
+    def image_token_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return inputs["input_ids"] == self.image_token_id
 
-    def image_grids(self, image_counts: list[int], forward_kwargs: dict) -> list[list[tuple[int, int]]]:
+    def image_grids(self, image_counts: list[int], inputs: Mapping[str, Any]) -> list[list[tuple[int, int]]]:
         per_image = self.grid[0] * self.grid[1]
         grids = []
         for count in image_counts:

@@ -87,7 +87,7 @@ class PruningSession:
             method={"name": getattr(method, "name", type(method).__name__), "params": method.parameters()}
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._input_ids: torch.Tensor | None = None
+        self._inputs: dict[str, Any] = {}  # the multimodal forward's keyword arguments, `input_ids` among them
         self._new_images = False  # whether the current multimodal call got images: a new prompt, not a decode step
         self._vision_features: torch.Tensor | None = None
         self._vision_attention: torch.Tensor | None = None
@@ -157,7 +157,7 @@ class PruningSession:
         self._handles.clear()
         _ACTIVE.discard(self.model)
         self._run = None
-        self._input_ids = None
+        self._inputs = {}
         self._new_images = False
         self._vision_features = None
         self._vision_attention = None
@@ -171,7 +171,7 @@ class PruningSession:
     # Hooks -------------------------------------------------------------------------------------------------
 
     def _on_multimodal(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._inputs = {**kwargs, "input_ids": kwargs.get("input_ids", args[0] if args else None)}
         self._new_images = self.adapter.has_images(kwargs)
 
     def _on_vision_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -279,11 +279,12 @@ class PruningSession:
     @torch.compiler.disable  # the prefill's one host read, and records: run eagerly under torch.compile
     def _start_prefill(self, embeds: torch.Tensor, kwargs: dict, cache: Any) -> None:
         self._run = None
-        input_ids = self._input_ids
+        inputs, self._inputs = self._inputs, {}
+        input_ids = inputs.get("input_ids")
         batch, length = embeds.shape[:2]
         if input_ids is None or tuple(input_ids.shape) != (batch, length):
             raise VlmpruneError("vlmprune needs the prompt's input_ids (not only inputs_embeds) to find image tokens")
-        image_mask = self.adapter.image_token_mask(input_ids)
+        image_mask = self.adapter.image_token_mask(inputs)
         valid = valid_keys_of(kwargs.get("attention_mask"), batch, length, embeds.device)
         # The prefill's one wait for the device: every later count is derived from these on the host.
         n_image, n_real = torch.stack([image_mask.sum(dim=1), valid.sum(dim=1)]).tolist()
@@ -305,7 +306,7 @@ class PruningSession:
             n_real=n_real,
             n_image=n_image,
         )
-        image_grids = self.adapter.image_grids(n_image, kwargs)
+        image_grids = self.adapter.image_grids(n_image, inputs)
         self.method.check_model(self.adapter.num_layers, image_grids)
         self.trace.reset()
         self.trace.calls += 1

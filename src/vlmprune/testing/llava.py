@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA models and processors, built locally with no network access.
+"""Tiny random-weight LLaVA-1.5 models and processors, built locally with no network access.
 
 For tests, examples and benchmarks: `build_tiny_llava()` gives a ~9M-parameter LLaVA (CLIP tower of hidden
 64 and 2 layers at 336 px / patch 14, so 24x24 = 576 image tokens; a Llama with RoPE of hidden 128 and
