@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BudgetError",
     "CalibrationError",
+    "ConversionError",
     "LayerError",
     "MissingExtraError",
     "NoImageTokensError",
@@ -41,6 +42,10 @@ class BudgetError(VlmpruneError):
 
 class CalibrationError(VlmpruneError):
     """A calibration file that is missing, unreadable, or made for another model."""
+
+
+class ConversionError(VlmpruneError):
+    """A checkpoint to convert that is missing, unreadable, or does not have the layout its config names."""
 
 
 class NoImageTokensError(VlmpruneError):
