@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlmprune.cli import arguments
-from vlmprune.cli.main import SUBCOMMANDS, build_parser, main
+from vlmprune.cli.main import SUBCOMMANDS, build_parser, main, module_name
 
 NOWHERE = "/nonexistent/dir"
 
@@ -151,6 +151,13 @@ BAD = [
     (["demo", "--model", "{dir}/none"], "argument --model: {dir}/none does not exist; train one with `vlmprune"),
     (["demo", "--out", "{file}"], "argument --out: {file} is a file, not a directory"),
     (["demo", "--json", "{dir}"], "argument --json: {dir} is a directory; give a file name"),
+    (["convert-prismatic", "{dir}", "{dir}/out"], "required: --llm"),
+    (["convert-prismatic", NOWHERE, "{dir}/out", "--llm", "{dir}"], f"argument RUN_DIR: directory {NOWHERE} does not"),
+    (["convert-prismatic", "{dir}", "{file}", "--llm", "{dir}"], "argument OUT_DIR: {file} is a file, not a directory"),
+    (["convert-prismatic", "{dir}", "{dir}/o", "--llm", "{dir}", "--vision", "{dir}"], "argument --vision: {dir} is a"),
+    (["convert-prismatic", "{dir}", "{dir}/o", "--llm", "{dir}", "--dtype", "int8"], "argument --dtype: invalid"),
+    (["convert-prismatic", "{dir}", "{dir}/o", "--llm", "{dir}"], "{dir} is not a Prismatic run directory: it has"),
+    (["convert-prismatic", "{dir}", "{model}", "--llm", "{dir}"], "OUT_DIR {model} is not empty"),
 ]
 
 
@@ -185,7 +192,7 @@ def nothing_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     import vlmprune.testbed.model
 
     for name in SUBCOMMANDS:
-        module = importlib.import_module(f"vlmprune.cli.{name}")
+        module = importlib.import_module(module_name(name))
         monkeypatch.setattr(module, "run", forbidden)
         if hasattr(module, "load_model"):
             monkeypatch.setattr(module, "load_model", forbidden)

@@ -1,6 +1,7 @@
 """Entry point of the `vlmprune` command.
 
-Each subcommand lives in its own module under `vlmprune.cli`, listed in `SUBCOMMANDS`. The module defines:
+Each subcommand lives in its own module under `vlmprune.cli`, listed in `SUBCOMMANDS` (`module_name` maps a
+command to its module: `convert-prismatic` -> `vlmprune.cli.convert_prismatic`). The module defines:
 
 - `add_parser(subparsers)`: adds its parser and sets `run` as its default. Every argument is declared with a
   type from `vlmprune.cli.arguments` (or `choices`), so argparse rejects a bad value while parsing.
@@ -25,7 +26,7 @@ from vlmprune.cli._common import CommandError
 from vlmprune.cli.arguments import ArgumentParser, one_line
 from vlmprune.errors import VlmpruneError
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+__all__ = ["SUBCOMMANDS", "build_parser", "main", "module_name"]
 
 SUBCOMMANDS: tuple[str, ...] = (
     "methods",
@@ -39,14 +40,20 @@ SUBCOMMANDS: tuple[str, ...] = (
     "demo",
     "calibrate",
     "env",
+    "convert-prismatic",
 )
+
+
+def module_name(command: str) -> str:
+    """The module of a subcommand: `vlmprune.cli.` + its name with `-` as `_`."""
+    return f"vlmprune.cli.{command.replace('-', '_')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="vlmprune", description="Training-free visual-token pruning for Hugging Face VLMs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        importlib.import_module(f"vlmprune.cli.{name}").add_parser(subparsers)
+        importlib.import_module(module_name(name)).add_parser(subparsers)
     return parser
 
 
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse has printed its one-line error (status 2) or the help (0)
         return exit_.code if isinstance(exit_.code, int) else 2
-    check = getattr(importlib.import_module(f"vlmprune.cli.{args.command}"), "check", None)
+    check = getattr(importlib.import_module(module_name(args.command)), "check", None)
     try:
         if check is not None:
             check(args)

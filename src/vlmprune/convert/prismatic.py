@@ -187,18 +187,16 @@ def read_run_config(run_dir: str | os.PathLike[str]) -> PrismaticRun:
         raise ConversionError(f"{run_dir} is not a Prismatic run directory: it has no config.json")
     try:
         model = json.loads(path.read_text())["model"]
-        return PrismaticRun(
-            model_id=str(model["model_id"]),
-            vision_backbone_id=str(model["vision_backbone_id"]),
-            llm_backbone_id=str(model["llm_backbone_id"]),
-            arch_specifier=str(model["arch_specifier"]),
-            image_resize_strategy=str(model["image_resize_strategy"]),
-            llm_max_length=int(model.get("llm_max_length", 2048)),
-        )
+        fields = {
+            key: str(model[key])
+            for key in ("model_id", "vision_backbone_id", "llm_backbone_id", "arch_specifier", "image_resize_strategy")
+        }
+        max_length = int(model.get("llm_max_length", 2048))
     except (OSError, ValueError, TypeError) as error:
         raise ConversionError(f"{path} cannot be read: {error}") from None
     except KeyError as error:
         raise ConversionError(f"{path} has no model.{error.args[0]} (not a Prismatic run config)") from None
+    return PrismaticRun(**fields, llm_max_length=max_length)
 
 
 def _torch_load(path: Path) -> Any:
@@ -445,7 +443,8 @@ def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch
     embed = llm_state.get("llm.model.embed_tokens.weight")
     if embed is None:
         raise ConversionError("the checkpoint's llm_backbone has no llm.model.embed_tokens.weight")
-    layers = 1 + max((int(m.group(1)) for k in llm_state if (m := re.match(r"llm\.model\.layers\.(\d+)\.", k))), default=-1)
+    indices = (int(m.group(1)) for key in llm_state if (m := re.match(r"llm\.model\.layers\.(\d+)\.", key)))
+    layers = 1 + max(indices, default=-1)
     if embed.shape[1] != config.hidden_size or layers != config.num_hidden_layers:
         raise ConversionError(
             f"the checkpoint's LLM (hidden {embed.shape[1]}, {layers} layers) does not match the config in "
@@ -475,7 +474,7 @@ def _check_prompt_tokens(tokenizer: Any, image_token_id: int) -> None:
         )
         ours = tokenizer(text)["input_ids"]
         theirs = tokenizer(prismatic_prompt(question))["input_ids"]
-        if ours != theirs[:1] + [image_token_id] + theirs[1:]:
+        if ours != [*theirs[:1], image_token_id, *theirs[1:]]:
             raise ConversionError(
                 f"this tokenizer splits the converted prompt {text!r} into {tokenizer.convert_ids_to_tokens(ours)}, "
                 f"not Prismatic's {tokenizer.convert_ids_to_tokens(theirs)} with <image> after BOS"

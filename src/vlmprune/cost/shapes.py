@@ -110,9 +110,10 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape(
             "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_vl"
         ),
-        # FEATHER's model: Llama-2-7B + SigLIP SO400M (27 x 27 = 729 tokens, no [CLS]) + GELU MLP
+        # FEATHER's model (prism-siglip-controlled+7b): Llama-2-7B + SigLIP SO400M at 384 px (27 x 27 = 729 tokens,
+        # no [CLS]) + GELU MLP; Prismatic adds <PAD> and pads the vocabulary to a multiple of 64 (32064 rows)
         ModelShape(
-            "prismatic-7b", 4096, 11008, 32, 32, 32, 32000, 729, (27, 27), vision=_SIGLIP_SO400M, family="prismatic"
+            "prismatic-7b", 4096, 11008, 32, 32, 32, 32064, 729, (27, 27), vision=_SIGLIP_SO400M, family="prismatic"
         ),
         # a smoke-test LLaVA (6 layers, 12 x 12 grid) that benchmarks in seconds
         ModelShape(
@@ -162,6 +163,8 @@ def shape_from_config(config: Any, name: str = "config") -> ModelShape:
     feature_layer = getattr(config, "vision_feature_layer", -1)
     vision_layers = vision.num_hidden_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
     hidden = text.hidden_size
+    # a SigLIP tower has no [CLS]: it runs on the patches alone
+    cls_tokens = 0 if str(getattr(vision, "model_type", "")).startswith("siglip") else 1
     projector_hidden = getattr(config, "projector_hidden_size", None) or hidden
     return ModelShape(
         name=name,
@@ -178,7 +181,7 @@ def shape_from_config(config: Any, name: str = "config") -> ModelShape:
             hidden=vision.hidden_size,
             intermediate=vision.intermediate_size,
             layers=vision_layers,
-            tokens=side * side + 1,
+            tokens=side * side + cls_tokens,
             projector=((vision.hidden_size, projector_hidden), (projector_hidden, hidden)),
         ),
     )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vlmprune.eval.boxes import Box, Frame, parse_normalized_box, parse_pixel_box
 
-__all__ = ["GROUNDING_FORMATS", "GroundingFormat", "grounding_format_for"]
+__all__ = ["GROUNDING_FORMATS", "GroundingFormat", "grounding_format_for", "prompt_family"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,12 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
         prompt='Please provide the bounding box coordinate of the region this sentence describes: "{expression}"',
         frame="stretch",
         parse=parse_normalized_box,
-        source="FEATHER's evaluation (vlm_eval/models/prismatic.py::get_bbox_refer_chat_prompt_fn)",
+        source=(
+            "FEATHER's evaluation (vlm_eval/models/prismatic.py::get_bbox_refer_chat_prompt_fn): the question "
+            "goes through PurePromptBuilder, 'In: {question}\\nOut:' (the chat template of `vlmprune "
+            "convert-prismatic`); the answer is [x1, y1, x2, y2] normalized to the image, which resize-naive "
+            "stretches to the square input"
+        ),
     ),
     "qwen2_vl": GroundingFormat(
         family="qwen2_vl",
@@ -60,8 +66,21 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
 }
 
 
-def grounding_format_for(model_type: str) -> GroundingFormat:
-    """The format of a transformers `model_type` (llava, qwen2_vl, qwen2_5_vl); LLaVA's when unknown."""
-    if model_type.startswith("qwen2"):
+def prompt_family(config: Any) -> str:
+    """The family whose prompts a model takes: its config's `prompt_family`, else its `model_type`.
+
+    A model converted from another code base runs in a transformers class of another family and keeps its own
+    prompts: `vlmprune convert-prismatic` writes a LLaVA config with `prompt_family="prismatic"`.
+    """
+    return getattr(config, "prompt_family", None) or config.model_type
+
+
+def grounding_format_for(model: Any) -> GroundingFormat:
+    """The format of a model config (see `prompt_family`) or a family name (llava, prismatic, qwen2_vl, qwen2_5_vl).
+
+    LLaVA's when the family is unknown.
+    """
+    family = model if isinstance(model, str) else prompt_family(model)
+    if family.startswith("qwen2"):
         return GROUNDING_FORMATS["qwen2_vl"]
-    return GROUNDING_FORMATS.get(model_type, GROUNDING_FORMATS["llava"])
+    return GROUNDING_FORMATS.get(family, GROUNDING_FORMATS["llava"])

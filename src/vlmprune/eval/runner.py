@@ -88,7 +88,7 @@ def run_identity(model: torch.nn.Module, method: Method | None, config: EvalConf
     """What decides a run's records: method and all its parameters, model, data, prompt format, versions."""
     import vlmprune
 
-    fmt = grounding_format_for(model.config.model_type)
+    fmt = grounding_format_for(model.config)
     model_config = {
         k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
     }
@@ -187,7 +187,7 @@ def run_grounding(
     progress: Callable[[int], None] = lambda _: None,
 ) -> int:
     """Runs the samples this process owns and has not finished yet; returns how many it ran now."""
-    fmt = grounding_format_for(model.config.model_type)
+    fmt = grounding_format_for(model.config)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, run_identity(model, method, config), config.rank)
