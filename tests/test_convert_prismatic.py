@@ -233,3 +233,26 @@ def test_weights_of_another_layout_are_refused(tmp_path: Path) -> None:
     (tiny.run_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match=r"LLM backbone 'vicuna-v15-7b'.*llama2-7b-pure"):
         convert_prismatic(tiny.run_dir, tmp_path / "out", llm_dir=tiny.llm_dir, vision_weights=tiny.vision_weights)
+
+
+def test_bench_builds_a_prismatic_layout_of_a_named_shape() -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmprune.adapters import get_adapter
+    from vlmprune.cost import get_shape
+    from vlmprune.cost.shapes import ModelShape, VisionShape
+    from vlmprune.testing import build_tiny_processor, llava_config_for_shape
+
+    full = llava_config_for_shape(get_shape("prismatic-7b"))
+    assert full.vision_config.model_type == "siglip_vision_model" and full.vision_config.num_hidden_layers == 27
+    assert full.text_config.vocab_size == 32064 and full.vision_feature_select_strategy == "full"
+    small = ModelShape(
+        "prismatic-tiny", 64, 128, 2, 4, 4, 300, 36, (6, 6), vision=VisionShape(72, 128, 2, 36, ()), family="prismatic"
+    )
+    model = LlavaForConditionalGeneration._from_config(llava_config_for_shape(small)).eval()
+    processor = build_tiny_processor(image_size=6 * 14, patch_size=14)
+    inputs = processor(images=[_image()], text=["USER: <image>\nwhere is the cat ASSISTANT:"], return_tensors="pt")
+    assert int(get_adapter(model).image_token_mask(inputs).sum()) == 36
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("fastv", layer=1)) as trace:
+        model(**inputs)
+    assert trace.stages[0].grid == (6, 6)

@@ -50,11 +50,14 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlmprune.errors import ConversionError, UnsupportedModelError
+
+if TYPE_CHECKING:  # transformers is imported where it is used: `vlmprune.convert` loads without it
+    from transformers import LlamaConfig, LlavaConfig, LlavaProcessor, PreTrainedTokenizerBase, SiglipVisionConfig
 
 __all__ = [
     "CHECKPOINT_PATH",
@@ -286,7 +289,7 @@ def _vit_dims(timm_state: Mapping[str, torch.Tensor]) -> tuple[int, int, int, in
     return int(hidden), int(intermediate), depth, int(patch), int(tokens)
 
 
-def siglip_vision_config(timm_state: Mapping[str, torch.Tensor], backbone: SiglipBackbone):
+def siglip_vision_config(timm_state: Mapping[str, torch.Tensor], backbone: SiglipBackbone) -> SiglipVisionConfig:
     """A `SiglipVisionConfig` for the timm ViT `timm_state` (SigLIP keys, see `timm_vit_state`) at `backbone`'s size.
 
     timm's ViT: LayerNorm eps 1e-6, exact GELU, no [CLS], no pooling head used.
@@ -336,7 +339,7 @@ def siglip_state_from_timm(timm_state: Mapping[str, torch.Tensor]) -> Iterator[t
             prefix = f"encoder.layers.{index}."
             if name == "attn.qkv":
                 for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
-                    yield f"{prefix}self_attn.{part}_proj.{kind}", chunk
+                    yield f"{prefix}self_attn.{part}_proj.{kind}", chunk.clone()  # its own storage, for safetensors
             elif name in _BLOCK_NAMES:
                 yield f"{prefix}{_BLOCK_NAMES[name]}.{kind}", value
             else:
@@ -368,7 +371,7 @@ def llama_state_from_prismatic(state: Mapping[str, torch.Tensor]) -> Iterator[tu
         yield key[len("llm.") :], value
 
 
-def prismatic_tokenizer(llm_dir: str | os.PathLike[str], max_length: int = 2048):
+def prismatic_tokenizer(llm_dir: str | os.PathLike[str], max_length: int = 2048) -> PreTrainedTokenizerBase:
     """The Llama-2 tokenizer in `llm_dir` as Prismatic uses it (`<PAD>` added), plus the `<image>` placeholder.
 
     Pads on the left, as batched generation needs (Prismatic generates one sample at a time).
@@ -386,7 +389,7 @@ def prismatic_tokenizer(llm_dir: str | os.PathLike[str], max_length: int = 2048)
     return tokenizer
 
 
-def prismatic_processor(tokenizer: Any, vision: Any):
+def prismatic_processor(tokenizer: PreTrainedTokenizerBase, vision: SiglipVisionConfig) -> LlavaProcessor:
     """`LlavaProcessor`: resize-naive to the tower's square size, SigLIP normalisation, one `<image>` -> N tokens."""
     from transformers import LlavaProcessor, SiglipImageProcessorPil
     from transformers.image_utils import PILImageResampling
@@ -410,7 +413,7 @@ def prismatic_processor(tokenizer: Any, vision: Any):
     )
 
 
-def llava_config(vision: Any, text: Any, image_token_id: int, pad_token_id: int):
+def llava_config(vision: SiglipVisionConfig, text: LlamaConfig, image_token_id: int, pad_token_id: int) -> LlavaConfig:
     """The `LlavaConfig`: features of layer -2, every token ("full"), exact-GELU projector, `prompt_family`."""
     from transformers import LlavaConfig
 
@@ -431,7 +434,7 @@ def llava_config(vision: Any, text: Any, image_token_id: int, pad_token_id: int)
     return config
 
 
-def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch.Tensor], rows: int):
+def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch.Tensor], rows: int) -> LlamaConfig:
     from transformers import AutoConfig
 
     try:
@@ -455,7 +458,7 @@ def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch
     return config
 
 
-def _check_prompt_tokens(tokenizer: Any, image_token_id: int) -> None:
+def _check_prompt_tokens(tokenizer: PreTrainedTokenizerBase, image_token_id: int) -> None:
     """The chat template's ids are Prismatic's with one `<image>` after BOS, or raises.
 
     Checked on `tokenizer` as saved and loaded back, the form the converted model's users get.

@@ -322,8 +322,13 @@ def llava_config_for_shape(shape: ModelShape) -> LlavaConfig:
     """A `tiny_llava_config` with `shape`'s dimensions (LLaVA layout: square grid, patch 14, CLIP tower).
 
     For benchmarks of real model sizes with random weights; the vocabulary is the tiny tokenizer's, grown to
-    the shape's so the LM head costs what it does in the real model.
+    the shape's so the LM head costs what it does in the real model. A Prismatic shape (converted to LLaVA by
+    `vlmprune convert-prismatic`) gets a SigLIP tower (`vlmprune.testing.prismatic.prismatic_config_for_shape`).
     """
+    if shape.family == "prismatic":
+        from vlmprune.testing.prismatic import prismatic_config_for_shape
+
+        return prismatic_config_for_shape(shape)
     if shape.family != "llava" or shape.vision is None or shape.images != 1 or shape.grid[0] != shape.grid[1]:
         raise ValueError(f"{shape.name} is a {shape.family} shape, not a one-image LLaVA layout with a square grid")
     return tiny_llava_config(

@@ -24,11 +24,18 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, LlavaConfig, SiglipVisionConfig
 
-from vlmprune.testing.llava import WORDS
+from vlmprune.cost.shapes import ModelShape
+from vlmprune.testing.llava import WORDS, tiny_llava_config
 
-__all__ = ["TinyPrismatic", "tiny_llama_tokenizer", "tiny_timm_siglip", "write_tiny_prismatic"]
+__all__ = [
+    "TinyPrismatic",
+    "prismatic_config_for_shape",
+    "tiny_llama_tokenizer",
+    "tiny_timm_siglip",
+    "write_tiny_prismatic",
+]
 
 # What the BPE learns its merges from: the prompt format, the grounding question and a few answers.
 _CORPUS = (
@@ -186,3 +193,41 @@ def write_tiny_prismatic(
     vision_weights = timm_dir / "open_clip_pytorch_model.bin"
     torch.save(hub, vision_weights)
     return TinyPrismatic(run_dir=run_dir, vision_weights=vision_weights, llm_dir=llm_dir)
+
+
+def prismatic_config_for_shape(shape: ModelShape) -> LlavaConfig:
+    """A random-weight-ready `LlavaConfig` laid out as a converted Prismatic model of `shape`'s dimensions.
+
+    For benchmarks (`vlmprune bench --shape prismatic-7b`): a SigLIP tower of `shape.vision.layers` blocks (all of
+    them run, as in Prismatic's timm tower) at patch 14, features of layer -2, every token ("full"), and the tiny
+    word-level tokenizer's ids (`tiny_llava_config`), whose processor gives the same (grid)² image tokens.
+    """
+    if shape.family != "prismatic" or shape.vision is None or shape.images != 1 or shape.grid[0] != shape.grid[1]:
+        raise ValueError(f"{shape.name} is a {shape.family} shape, not a one-image Prismatic layout")
+    vision = shape.vision
+    config = tiny_llava_config(
+        text_layers=shape.layers,
+        text_hidden=shape.hidden,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        intermediate=shape.intermediate,
+        vision_hidden=vision.hidden,
+        vision_layers=vision.layers,
+        image_size=shape.grid[0] * 14,
+        patch_size=14,
+        vocab_size=shape.vocab,
+    )
+    config.vision_config = SiglipVisionConfig(
+        hidden_size=vision.hidden,
+        intermediate_size=vision.intermediate,
+        num_hidden_layers=vision.layers,
+        num_attention_heads=max(1, vision.hidden // 72),  # so400m: 16 heads of 72
+        image_size=shape.grid[0] * 14,
+        patch_size=14,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        vision_use_head=False,
+    )
+    config.vision_feature_select_strategy = "full"
+    config.projector_hidden_act = "gelu"
+    return config
