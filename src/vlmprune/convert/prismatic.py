@@ -434,7 +434,11 @@ def llava_config(vision: SiglipVisionConfig, text: LlamaConfig, image_token_id: 
     return config
 
 
-def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch.Tensor], rows: int) -> LlamaConfig:
+_LLM_REQUIRED = ("llm.model.embed_tokens.weight", "llm.model.norm.weight", "llm.lm_head.weight")
+
+
+def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch.Tensor], min_rows: int) -> LlamaConfig:
+    """`llm_dir`'s Llama config checked against the checkpoint, its vocabulary the embedding's rows (>= min_rows)."""
     from transformers import AutoConfig
 
     try:
@@ -443,9 +447,10 @@ def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch
         raise ConversionError(f"no Llama config in {llm_dir}: {str(error).strip().splitlines()[0]}") from None
     if config.model_type != "llama":
         raise ConversionError(f"{llm_dir} holds a {config.model_type!r} config, not Llama-2's")
-    embed = llm_state.get("llm.model.embed_tokens.weight")
-    if embed is None:
-        raise ConversionError("the checkpoint's llm_backbone has no llm.model.embed_tokens.weight")
+    missing = [key for key in _LLM_REQUIRED if key not in llm_state]
+    if missing:
+        raise ConversionError(f"the checkpoint's llm_backbone has no {', '.join(missing)}")
+    embed = llm_state["llm.model.embed_tokens.weight"]
     indices = (int(m.group(1)) for key in llm_state if (m := re.match(r"llm\.model\.layers\.(\d+)\.", key)))
     layers = 1 + max(indices, default=-1)
     if embed.shape[1] != config.hidden_size or layers != config.num_hidden_layers:
@@ -453,7 +458,7 @@ def _llama_config(llm_dir: str | os.PathLike[str], llm_state: Mapping[str, torch
             f"the checkpoint's LLM (hidden {embed.shape[1]}, {layers} layers) does not match the config in "
             f"{llm_dir} (hidden {config.hidden_size}, {config.num_hidden_layers} layers)"
         )
-    config.vocab_size = rows
+    config.vocab_size = max(int(embed.shape[0]), min_rows)
     config.tie_word_embeddings = False
     return config
 
@@ -534,15 +539,17 @@ def convert_prismatic(
     llm_state = checkpoint["llm_backbone"]
     tokenizer = prismatic_tokenizer(llm_dir, run.llm_max_length)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    rows = max(int(llm_state["llm.model.embed_tokens.weight"].shape[0]), image_token_id + 1)
-    text = _llama_config(llm_dir, llm_state, rows)
+    text = _llama_config(llm_dir, llm_state, image_token_id + 1)
+    rows = text.vocab_size
     text.pad_token_id = tokenizer.pad_token_id
     _check_prompt_tokens(tokenizer, image_token_id)
     projector = dict(projector_state_from_prismatic(checkpoint["projector"]))
-    if projector["linear_1.weight"].shape != (text.hidden_size, vision.hidden_size):
+    first = projector.get("linear_1.weight")
+    if first is None or "linear_2.weight" not in projector:
+        raise ConversionError("the checkpoint's projector lacks projector.0.weight or projector.2.weight")
+    if first.shape != (text.hidden_size, vision.hidden_size):
         raise ConversionError(
-            f"the projector maps {tuple(projector['linear_1.weight'].shape[::-1])}, not vision {vision.hidden_size} "
-            f"-> LLM {text.hidden_size}"
+            f"the projector maps {tuple(first.shape[::-1])}, not vision {vision.hidden_size} -> LLM {text.hidden_size}"
         )
     config = llava_config(vision, text, image_token_id, tokenizer.pad_token_id)
 

@@ -126,11 +126,13 @@ def write_tiny_prismatic(
     heads: int = 4,
     vision_layers: int = 3,
     full_finetune: bool = False,
+    pad_to_multiple_of: int = 64,
 ) -> TinyPrismatic:
     """Writes a tiny Prismatic run, its timm vision weights and its Llama directory under `root` (see module doc).
 
     `full_finetune` also saves the tower in the checkpoint (`vision_backbone`, keys `featurizer.*`), as
-    Prismatic's "full-finetune" stage does.
+    Prismatic's "full-finetune" stage does. `pad_to_multiple_of` rounds the embedding's rows up as Prismatic does
+    (64); 1 leaves no spare row for the converter's `<image>` id.
     """
     root = Path(root)
     run_dir, timm_dir, llm_dir = root / "run", root / "timm", root / "llama"
@@ -156,7 +158,7 @@ def write_tiny_prismatic(
     tokenizer.save_pretrained(llm_dir)
 
     # LLaMa2LLMBackbone: `<PAD>` added, then resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    rows = -(-(base_vocab + 1) // 64) * 64
+    rows = -(-(base_vocab + 1) // pad_to_multiple_of) * pad_to_multiple_of
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         llm = LlamaForCausalLM(LlamaConfig(**(llama.to_dict() | {"vocab_size": rows})))
