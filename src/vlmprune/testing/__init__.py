@@ -23,21 +23,25 @@ from vlmprune.testing.llava import (
     word_level_llava_config,
     word_level_tokenizer,
 )
+from vlmprune.testing.prismatic import TinyPrismatic, prismatic_config_for_shape, write_tiny_prismatic
 
 __all__ = [
     "IMAGE_TOKEN",
     "LLAVA_CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "WORDS",
+    "TinyPrismatic",
     "build_tiny_llava",
     "build_tiny_processor",
     "build_tiny_tokenizer",
     "init_llava",
     "llava_config_for_shape",
     "llava_processor",
+    "prismatic_config_for_shape",
     "save_llava_weights",
     "save_tiny_llava",
     "tiny_llava_config",
     "word_level_llava_config",
     "word_level_tokenizer",
+    "write_tiny_prismatic",
 ]
