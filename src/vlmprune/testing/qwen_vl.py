@@ -169,12 +169,28 @@ def build_tiny_qwen_vl(family: QwenFamily, config=None, *, attn_implementation: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASSES[family][1]._from_config(config, attn_implementation=attn_implementation)
+    _never_emitted(model, build_tiny_qwen_tokenizer())
     generation = model.generation_config
     text = config.get_text_config()
     generation.bos_token_id, generation.eos_token_id = text.bos_token_id, text.eos_token_id
     generation.pad_token_id = text.pad_token_id
     generation.do_sample = False
     return model.eval()
+
+
+# Tokens greedy decoding never emits: fed back, a vision placeholder would ask for an image the prompt lacks, and an
+# end of sequence would stop one sample of a batch early, which the step-by-step references do not model.
+_NEVER_EMITTED = ("</s>", "<pad>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _never_emitted(model, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Makes each `_NEVER_EMITTED` token's output row the mean of two word rows: its logit is then the mean of
+    theirs, never above the larger, and a tie goes to the word's lower id."""
+    head = model.get_output_embeddings().weight
+    words = [tokenizer.convert_tokens_to_ids(word) for word in WORDS[:2]]
+    with torch.no_grad():
+        for token in _NEVER_EMITTED:
+            head[tokenizer.convert_tokens_to_ids(token)] = head[words].mean(dim=0)
 
 
 def build_tiny_qwen_processor(family: QwenFamily, *, min_side: int = 56, max_side: int = 128):

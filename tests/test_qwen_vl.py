@@ -1,0 +1,191 @@
+"""Every method on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models, against the independent references.
+
+Batches hold images of different sizes (dynamic grids) and a prompt with two images; positions are the models' own
+3-D M-RoPE positions; Qwen3-VL adds DeepStack features to its first two layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmprune
+from vlmprune.methods import METHODS
+from vlmprune.reference import pre_llm_greedy, pre_llm_logits, reference_greedy, reference_logits
+from vlmprune.testing.qwen_vl import QWEN_FAMILIES, build_tiny_qwen_processor, build_tiny_qwen_vl
+
+# Parameters that fit the tiny models (6 layers, 4 to 16 image tokens per image); a method registered later runs
+# with its defaults. Extra rows cover positions and DeepStack's layers.
+METHOD_PARAMS = {
+    "fastv": {},
+    "pdrop": {"layers": (2, 3, 5)},
+    "feather": {"layers": (2, 4)},
+    "random": {},
+    "uniform": {"layer": 2},
+    "knn": {"layer": 2, "keep": 8},
+    "btp": {"layers": (1, 2, 3, 4)},
+    "vispruner": {"keep": None, "ratio": 0.5},
+}
+CASES = {name: (name, METHOD_PARAMS.get(name, {})) for name in METHODS}
+CASES |= {
+    "fastv-renumbered": ("fastv", {"layer": 3, "ratio": 0.75, "positions": "renumbered"}),
+    "fastv-inside-deepstack": ("fastv", {"layer": 1, "ratio": 0.5}),  # between Qwen3-VL's two DeepStack layers
+    "random-before-the-llm": ("random", {"layer": 0}),
+    "vispruner-renumbered": ("vispruner", {"keep": 7, "positions": "renumbered"}),
+}
+
+PROMPTS = ["what is the color of the large object on the left", "where is the cat"]
+# sample 0: one 112x84 image; sample 1: two images of different sizes
+IMAGE_SIZES = [[(84, 112)], [(56, 56), (112, 84)]]
+
+
+@functools.cache
+def tiny_model(family: str, backend: str):
+    return build_tiny_qwen_vl(family, attn_implementation=backend)
+
+
+@functools.cache
+def tiny_processor(family: str):
+    return build_tiny_qwen_processor(family)
+
+
+def random_image(seed: int, size: tuple[int, int]) -> Image.Image:
+    height, width = size
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def make_inputs(family: str, samples: list[int]) -> dict:
+    processor = tiny_processor(family)
+    texts, images = [], []
+    for b in samples:
+        content = [{"type": "image"}] * len(IMAGE_SIZES[b]) + [{"type": "text", "text": PROMPTS[b]}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        images.append([random_image(10 * b + i, size) for i, size in enumerate(IMAGE_SIZES[b])])
+    return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+
+
+def renumber_flags(method, depth: int) -> list[bool]:
+    flags, current = [], False
+    stages = {s.layer: s for s in method.stages()}
+    for layer in range(depth):
+        if layer in stages:
+            current = stages[layer].positions == "renumbered"
+        flags.append(current)
+    return flags
+
+
+def build(case: str):
+    name, params = CASES[case]
+    return vlmprune.build_method(name, **params)
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_pruned_forward_and_generation_equal_the_masked_reference(family, backend, case):
+    model, method = tiny_model(family, backend), build(case)
+    inputs = make_inputs(family, [0, 1])
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        logits = model(**inputs).logits
+        rows = trace.output_index
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    assert len(trace.stages) == len(method.stages())
+    renumber = renumber_flags(method, model.config.text_config.num_hidden_layers)
+    reference = reference_logits(model, inputs, trace, renumber)
+    for b in range(rows.shape[0]):
+        real = rows[b] >= 0
+        torch.testing.assert_close(logits[b, real], reference[b, rows[b, real]], atol=2e-4, rtol=1e-4)
+    assert torch.equal(generated, reference_greedy(model, inputs, trace, renumber, 6))
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_padded_batch_equals_samples_run_alone(family, case):
+    model, method = tiny_model(family, "sdpa"), build(case)
+    batch = make_inputs(family, [0, 1])
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        together = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
+        kept_together = [[k.tolist() for k in stage.kept] for stage in trace.stages]
+        for b in range(2):
+            single = make_inputs(family, [b])
+            alone = model.generate(**single, max_new_tokens=6, do_sample=False)[:, single["input_ids"].shape[1] :]
+            assert torch.equal(together[b], alone[0]), f"sample {b} differs"
+            assert [stage.kept[0].tolist() for stage in trace.stages] == [k[b] for k in kept_together]
+
+
+PRE_LLM_CASES = [case for case in CASES if [s.layer for s in build(case).stages()] == [0]]
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("case", PRE_LLM_CASES)
+def test_pruning_before_the_llm_equals_the_llm_run_on_the_kept_embeddings_alone(family, backend, case):
+    """For Qwen3-VL the reference is the unmodified stack given only the kept tokens' DeepStack additions."""
+    model, method = tiny_model(family, backend), build(case)
+    renumber = method.stages()[0].positions == "renumbered"
+    inputs = make_inputs(family, [0, 1])
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    rows = trace.output_index
+    for b, (columns, reference) in enumerate(pre_llm_logits(model, inputs, trace, renumber)):
+        real = rows[b] >= 0
+        assert torch.equal(rows[b, real], columns)
+        torch.testing.assert_close(logits[b, real], reference, atol=2e-4, rtol=1e-4)
+    for b, tokens in enumerate(pre_llm_greedy(model, inputs, trace, renumber, 6)):
+        assert torch.equal(generated[b], tokens), f"sample {b}"
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_keeping_every_token_changes_nothing(family, backend):
+    model = tiny_model(family, backend)
+    inputs = make_inputs(family, [0, 1])
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        expected_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        for method in (
+            vlmprune.build_method("fastv", ratio=0.0),
+            vlmprune.build_method("random", layer=0, ratio=0.0),
+            vlmprune.build_method("pdrop", layers=(1, 3), keep_fractions=(1.0, 1.0), positions="original"),
+        ):
+            with vlmprune.prune(model, method):
+                logits = model(**inputs).logits
+                tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
+            assert torch.equal(tokens, expected_tokens)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_each_image_is_its_own_grid(family):
+    model = tiny_model(family, "sdpa")
+    inputs = make_inputs(family, [0, 1])
+    merge = 2
+    per_image = [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("uniform", layer=2)) as trace:
+        model(**inputs)
+    stage = trace.stages[0]
+    assert stage.image_grids == [per_image[:1], per_image[1:]]
+    assert stage.n_before == [sum(h * w for h, w in grids) for grids in stage.image_grids]
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_decoding_without_a_mask_continues_at_the_models_positions(family):
+    """A manual decode loop with no attention mask: the model derives positions from the cache's length, which
+    pruning before the LLM shortened; the adapter gives the original positions instead."""
+    model = tiny_model(family, "sdpa")
+    inputs = make_inputs(family, [0])
+    method = vlmprune.build_method("random", layer=0)
+    with torch.no_grad(), vlmprune.prune(model, method):
+        expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+        out = model(**inputs, use_cache=True)
+        cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(3):
+            out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, dim=1)[0], expected)
