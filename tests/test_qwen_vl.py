@@ -43,6 +43,15 @@ PROMPTS = ["what is the color of the large object on the left", "where is the ca
 IMAGE_SIZES = [[(84, 112)], [(56, 56), (112, 84)]]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models' matmuls are far faster on one thread than spread over busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.cache
 def tiny_model(family: str, backend: str):
     return build_tiny_qwen_vl(family, attn_implementation=backend)
