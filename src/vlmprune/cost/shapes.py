@@ -39,7 +39,8 @@ class ModelShape:
         grid: (rows, cols) of one image's token grid, for methods that sample a grid.
         images: images per prompt (LLaVA-NeXT's crops count as images).
         vision: the vision tower, or None to leave it out of the exact count.
-        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "prismatic").
+        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+            "prismatic"): the transformers model_type.
     """
 
     name: str
@@ -84,6 +85,17 @@ _SIGLIP_SO400M = VisionShape(
 _QWEN25_VIT = VisionShape(
     hidden=1280, intermediate=3420, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
 )
+# Qwen2-VL's ViT (675M; MLP ratio 4): 4096 patches of a 896x896 image, merged 2x2 into 1024 tokens
+_QWEN2_VIT = VisionShape(
+    hidden=1280, intermediate=5120, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
+)
+# Qwen3-VL's SigLIP-2 ViT (patch 16): 4096 patches of a 1024x1024 image; the merger and the three DeepStack
+# mergers (same shape) each run on every image token
+_QWEN3_VIT = VisionShape(
+    hidden=1152, intermediate=4304, layers=27, tokens=4096, projector=((4608, 4608), (4608, 4096)) * 4
+)
+# the tiny Qwen-VL models of vlmprune.testing.qwen_vl (4x4 tokens of a 112 px image, 128 px for Qwen3-VL)
+_QWEN_TINY_VIT = VisionShape(hidden=32, intermediate=64, layers=2, tokens=64, projector=((128, 128), (128, 64)))
 
 SHAPES: dict[str, ModelShape] = {
     shape.name: shape
@@ -106,9 +118,32 @@ SHAPES: dict[str, ModelShape] = {
             vision=_CLIP_L_336,
             family="llava_next",
         ),
+        # Qwen2-7B + its ViT (2x2 patch merger); 1024 tokens is a 896x896 image
+        ModelShape(
+            "qwen2-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN2_VIT, family="qwen2_vl"
+        ),
         # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
         ModelShape(
-            "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_vl"
+            "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_5_vl"
+        ),
+        # Qwen3-8B (head dim 128) + its ViT with DeepStack; 1024 tokens is a 1024x1024 image
+        ModelShape(
+            "qwen3-vl-8b",
+            4096,
+            12288,
+            36,
+            32,
+            8,
+            151936,
+            1024,
+            (32, 32),
+            head_dim=128,
+            vision=_QWEN3_VIT,
+            family="qwen3_vl",
+        ),
+        *(
+            ModelShape(f"{name}-tiny", 64, 128, 6, 4, 2, 234, 16, (4, 4), vision=_QWEN_TINY_VIT, family=family)
+            for name, family in (("qwen2-vl", "qwen2_vl"), ("qwen2.5-vl", "qwen2_5_vl"), ("qwen3-vl", "qwen3_vl"))
         ),
         # FEATHER's model: Llama-2-7B + SigLIP SO400M (27 x 27 = 729 tokens, no [CLS]) + GELU MLP
         ModelShape(

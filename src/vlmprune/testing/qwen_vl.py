@@ -35,22 +35,30 @@ from transformers import (
 
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from vlmprune.cost.shapes import ModelShape
+from vlmprune.processors import image_only_processor
 from vlmprune.testing.llava import WORDS, word_level_tokenizer
 
 __all__ = [
     "QWEN_CHAT_TEMPLATE",
     "QWEN_FAMILIES",
     "QWEN_TOKENS",
+    "SHAPE_FAMILIES",
     "QwenFamily",
     "build_tiny_qwen_processor",
     "build_tiny_qwen_tokenizer",
     "build_tiny_qwen_vl",
+    "image_side",
+    "qwen_vl_config_for_shape",
+    "qwen_vl_model_class",
     "save_tiny_qwen_vl",
     "tiny_qwen_vl_config",
 ]
 
 QwenFamily = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 QWEN_FAMILIES: tuple[QwenFamily, ...] = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+# `ModelShape.family` (the transformers model_type) -> the family's name here
+SHAPE_FAMILIES: dict[str, QwenFamily] = {"qwen2_vl": "qwen2-vl", "qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
 
 # Qwen's chat and vision special tokens, matched whole by the word-level tokenizer
 QWEN_TOKENS: tuple[str, ...] = (
@@ -111,22 +119,31 @@ def tiny_qwen_vl_config(
     text_hidden: int = 64,
     heads: int = 4,
     kv_heads: int = 2,
+    head_dim: int | None = None,
+    intermediate: int | None = None,
     vision_hidden: int = 32,
+    vision_intermediate: int | None = None,
     vision_layers: int = 2,
+    vocab_size: int | None = None,
 ):
-    """The tiny model's config for `family` (token ids from `build_tiny_qwen_tokenizer`)."""
+    """The tiny model's config for `family` (token ids from `build_tiny_qwen_tokenizer`).
+
+    Defaults: head dim `text_hidden // heads`, MLPs twice as wide as their model, the tokenizer's vocabulary (a
+    larger `vocab_size` adds rows never produced). M-RoPE's (t, h, w) sections split half the head dim in the
+    released models' proportions (Qwen2/2.5-VL 16:24:24, Qwen3-VL 24:20:20).
+    """
     _check_family(family)
     tokenizer = build_tiny_qwen_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_TOKENS}
-    head_dim = text_hidden // heads
-    # M-RoPE sections (t, h, w) in rotary pairs: half the head dim, split as the released models split theirs
-    sections = [head_dim // 4, head_dim // 8, head_dim // 8] if family == "qwen3-vl" else [2, 3, 3]
-    if sum(sections) != head_dim // 2:
-        raise ValueError(f"head dim {head_dim} does not split into M-RoPE sections {sections}")
+    head_dim = head_dim or text_hidden // heads
+    half = head_dim // 2
+    spatial = round(half * (5 / 16 if family == "qwen3-vl" else 3 / 8))
+    sections = [half - 2 * spatial, spatial, spatial]
+    vision_intermediate = vision_intermediate or 2 * vision_hidden
     text = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": max(vocab_size or 0, len(tokenizer)),
         "hidden_size": text_hidden,
-        "intermediate_size": 2 * text_hidden,
+        "intermediate_size": intermediate or 2 * text_hidden,
         "num_hidden_layers": text_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -138,11 +155,17 @@ def tiny_qwen_vl_config(
         "pad_token_id": tokenizer.pad_token_id,
         "tie_word_embeddings": False,
     }
-    vision = {"depth": vision_layers, "num_heads": 2, "patch_size": _PATCH[family], "spatial_merge_size": 2}
+    vision_heads = max(2, vision_hidden // 80)  # the released towers' heads are 72 to 80 wide
+    vision = {"depth": vision_layers, "num_heads": vision_heads, "patch_size": _PATCH[family], "spatial_merge_size": 2}
     if family == "qwen2-vl":
-        vision |= {"embed_dim": vision_hidden, "hidden_size": text_hidden, "mlp_ratio": 2}
+        mlp_ratio = vision_intermediate // vision_hidden  # an int in the config
+        vision |= {"embed_dim": vision_hidden, "hidden_size": text_hidden, "mlp_ratio": mlp_ratio}
     else:
-        vision |= {"hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden, "out_hidden_size": text_hidden}
+        vision |= {
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_intermediate,
+            "out_hidden_size": text_hidden,
+        }
     if family == "qwen2.5-vl":
         vision |= {"window_size": 56, "fullatt_block_indexes": [vision_layers - 1]}
     if family == "qwen3-vl":
@@ -203,29 +226,54 @@ def build_tiny_qwen_processor(family: QwenFamily, *, min_side: int = 56, max_sid
         temporal_patch_size=2,
         size={"shortest_edge": min_side * min_side, "longest_edge": max_side * max_side},
     )
-    processor_class = _MODEL_CLASSES[family][2]
-    # Without torchvision transformers has no video-processor base class to check the (absent) video processor
-    # against, so the constructor's class check is skipped for this one instance.
-    processor = processor_class.__new__(processor_class)
-    processor.check_argument_for_proper_class = lambda name, argument: argument
-    processor_class.__init__(
-        processor,
-        image_processor=image_processor,
-        tokenizer=build_tiny_qwen_tokenizer(),
-        video_processor=None,
-        chat_template=QWEN_CHAT_TEMPLATE,
+    return image_only_processor(
+        _MODEL_CLASSES[family][2], image_processor, build_tiny_qwen_tokenizer(), QWEN_CHAT_TEMPLATE
     )
-    del processor.check_argument_for_proper_class
-    return processor
+
+
+def qwen_vl_config_for_shape(shape: ModelShape):
+    """A `tiny_qwen_vl_config` with `shape`'s dimensions (families qwen2_vl, qwen2_5_vl, qwen3_vl), for benchmarks of
+    real model sizes with random weights; the vocabulary is grown to the shape's."""
+    family = SHAPE_FAMILIES.get(shape.family)
+    if family is None or shape.vision is None:
+        raise ValueError(f"{shape.name} is a {shape.family} shape, not a Qwen-VL layout")
+    return tiny_qwen_vl_config(
+        family,
+        text_layers=shape.layers,
+        text_hidden=shape.hidden,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        intermediate=shape.intermediate,
+        vision_hidden=shape.vision.hidden,
+        vision_intermediate=shape.vision.intermediate,
+        vision_layers=shape.vision.layers,
+        vocab_size=shape.vocab,
+    )
+
+
+def qwen_vl_model_class(family: QwenFamily) -> type:
+    """The transformers model class of `family`."""
+    _check_family(family)
+    return _MODEL_CLASSES[family][1]
+
+
+def image_side(family: QwenFamily, grid: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) in pixels of an image whose merged token grid is `grid` (2x2 patches per token)."""
+    return grid[0] * 2 * _PATCH[family], grid[1] * 2 * _PATCH[family]
 
 
 def save_tiny_qwen_vl(path: str | os.PathLike[str], family: QwenFamily, *, seed: int = 0) -> str:
-    """Write the tiny model of `family` and its processor with `save_pretrained`; returns the path as a string.
+    """Write the tiny model of `family` and its processor's parts; returns the path as a string.
 
-    The directory loads back offline with `AutoProcessor.from_pretrained(path)` and
-    `AutoModelForImageTextToText.from_pretrained(path)`.
+    The directory loads back offline with `vlmprune.processors.load_processor(path)` (`AutoProcessor` where
+    torchvision is installed) and `AutoModelForImageTextToText.from_pretrained(path)`.
     """
     path = os.fspath(path)
     build_tiny_qwen_vl(family, seed=seed).save_pretrained(path)
-    build_tiny_qwen_processor(family).save_pretrained(path)
+    processor = build_tiny_qwen_processor(family)
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as handle:
+        handle.write(processor.chat_template)
     return path
