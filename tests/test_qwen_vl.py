@@ -198,3 +198,44 @@ def test_decoding_without_a_mask_continues_at_the_models_positions(family):
             out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, dim=1)[0], expected)
+
+
+def video_inputs(family: str) -> dict:
+    """One prompt with an image and a two-frame video (one temporal patch of 8x8 patches: 16 video tokens), built
+    by hand: the tiny processor has no video processor. The word "picture" marks where the video goes."""
+    processor = tiny_processor(family)
+    vision = tiny_model(family, "sdpa").config.vision_config
+    content = [{"type": "image"}, {"type": "text", "text": "picture where is the cat"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = dict(processor(text=[text], images=[[random_image(3, (84, 112))]], return_tensors="pt"))
+    ids = processor.tokenizer.convert_tokens_to_ids(["picture", "<|vision_start|>", "<|video_pad|>", "<|vision_end|>"])
+    at = int((inputs["input_ids"][0] == ids[0]).nonzero()[0, 0])
+    video = torch.tensor([[ids[1], *[ids[2]] * 16, ids[3]]])
+    types = torch.tensor([[0, *[2] * 16, 0]])
+    for key, middle in (("input_ids", video), ("attention_mask", torch.ones_like(video)), ("mm_token_type_ids", types)):
+        inputs[key] = torch.cat([inputs[key][:, :at], middle.to(inputs[key].dtype), inputs[key][:, at + 1 :]], dim=1)
+    generator = torch.Generator().manual_seed(0)
+    width = 3 * vision.temporal_patch_size * vision.patch_size**2
+    inputs["pixel_values_videos"] = torch.randn(64, width, generator=generator)
+    inputs["video_grid_thw"] = torch.tensor([[1, 8, 8]])
+    return inputs
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("case", ["fastv", "vispruner", "fastv-inside-deepstack"])
+def test_video_runs_unpruned_with_a_notice_and_images_are_pruned_right(family, case):
+    model, method = tiny_model(family, "sdpa"), build(case)
+    inputs = video_inputs(family)
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        with pytest.warns(UserWarning, match="video tokens are not pruned"):
+            logits = model(**inputs).logits
+        with pytest.warns(UserWarning, match="video tokens are not pruned"):
+            generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    generated = generated[:, inputs["input_ids"].shape[1] :]
+    assert trace.stages[0].n_before == [n_image]
+    renumber = renumber_flags(method, model.config.text_config.num_hidden_layers)
+    reference = reference_logits(model, inputs, trace, renumber)
+    rows = trace.output_index
+    torch.testing.assert_close(logits[0, rows[0] >= 0], reference[0, rows[0][rows[0] >= 0]], atol=2e-4, rtol=1e-4)
+    assert torch.equal(generated, reference_greedy(model, inputs, trace, renumber, 4))

@@ -83,7 +83,8 @@ class QwenVLAdapter(ModelAdapter):
         return inputs["input_ids"] == self.image_token_id
 
     def image_grids(self, image_counts: list[int], inputs: Mapping[str, Any]) -> list[list[tuple[int, int]]]:
-        if inputs.get("video_grid_thw") is not None:
+        encoded = inputs.get("mm_encoder_outputs") or {}  # `generate` (transformers >= 5.2x) encodes videos first
+        if inputs.get("video_grid_thw") is not None or encoded.get("video") is not None:
             warnings.warn(
                 "vlmprune: video tokens are not pruned (no method defines video pruning); they run unpruned",
                 stacklevel=2,

@@ -186,12 +186,19 @@ def get_shape(name: str) -> ModelShape:
     return SHAPES[name]
 
 
+# a Qwen-VL config names no image size: its shapes count a 32x32 grid of merged tokens (896 px at patch 14)
+QWEN_DEFAULT_GRID = (32, 32)
+
+
 def shape_from_config(config: Any, name: str = "config") -> ModelShape:
-    """The shape of a transformers LLaVA-style config (`text_config` + `vision_config`)."""
+    """The shape of a transformers LLaVA-style config (`text_config` + `vision_config`), or of a Qwen-VL one
+    (dynamic resolution: `QWEN_DEFAULT_GRID` image tokens unless told otherwise)."""
     text = getattr(config, "text_config", None)
     vision = getattr(config, "vision_config", None)
     if text is None or vision is None:
         raise VlmpruneError(f"{name}: expected a VLM config with text_config and vision_config")
+    if getattr(config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return _qwen_shape(config, text, vision, name)
     heads = text.num_attention_heads
     side = vision.image_size // vision.patch_size
     feature_layer = getattr(config, "vision_feature_layer", -1)
@@ -216,4 +223,38 @@ def shape_from_config(config: Any, name: str = "config") -> ModelShape:
             tokens=side * side + 1,
             projector=((vision.hidden_size, projector_hidden), (projector_hidden, hidden)),
         ),
+    )
+
+
+def _qwen_shape(config: Any, text: Any, vision: Any, name: str) -> ModelShape:
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config's shape: each image token is 2x2 patches merged by an MLP (Qwen3-VL
+    also runs one DeepStack merger per `deepstack_visual_indexes`)."""
+    heads = text.num_attention_heads
+    merge = vision.spatial_merge_size**2
+    rows, cols = QWEN_DEFAULT_GRID
+    if config.model_type == "qwen2_vl":  # Qwen2-VL's tower names its width embed_dim and its MLP by a ratio
+        width, intermediate = vision.embed_dim, vision.embed_dim * vision.mlp_ratio
+    else:
+        width, intermediate = vision.hidden_size, vision.intermediate_size
+    merged = width * merge
+    mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", ()) or ())
+    return ModelShape(
+        name=name,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        vocab=text.vocab_size,
+        image_tokens=rows * cols,
+        grid=(rows, cols),
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vision=VisionShape(
+            hidden=width,
+            intermediate=intermediate,
+            layers=vision.depth,
+            tokens=rows * cols * merge,
+            projector=((merged, merged), (merged, text.hidden_size)) * mergers,
+        ),
+        family=config.model_type,
     )
