@@ -239,3 +239,15 @@ def test_video_runs_unpruned_with_a_notice_and_images_are_pruned_right(family, c
     rows = trace.output_index
     torch.testing.assert_close(logits[0, rows[0] >= 0], reference[0, rows[0][rows[0] >= 0]], atol=2e-4, rtol=1e-4)
     assert torch.equal(generated, reference_greedy(model, inputs, trace, renumber, 4))
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("case", ["fastv-renumbered", "fastv-inside-deepstack", "random-before-the-llm", "pdrop"])
+def test_generation_on_a_static_cache_equals_the_masked_reference(family, case):
+    model, method = tiny_model(family, "sdpa"), build(case)
+    inputs = make_inputs(family, [0, 1])
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    renumber = renumber_flags(method, model.config.text_config.num_hidden_layers)
+    expected = reference_greedy(model, inputs, trace, renumber, 6)
+    assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], expected)

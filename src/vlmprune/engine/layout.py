@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from transformers import masking_utils
 from vlmprune.errors import VlmpruneError
 from vlmprune.tensors import on_device
 
-__all__ = ["Layout", "attention_mask_for", "compact", "gather_rows", "valid_keys_of"]
+__all__ = ["Layout", "attention_mask_for", "compact", "full_attention_mask", "gather_rows", "valid_keys_of"]
 
 
 @dataclass
@@ -142,6 +143,7 @@ def valid_keys_of(attention_mask: Any, batch: int, length: int, device: torch.de
     is real when the prompt's last query may attend to it (with left or right padding, that query sees every real
     key; the first rows may have been unmasked entirely to keep sdpa from returning NaN).
     """
+    attention_mask = full_attention_mask(attention_mask)
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
@@ -153,6 +155,14 @@ def valid_keys_of(attention_mask: Any, batch: int, length: int, device: torch.de
         return attention_mask[:, -length:].bool()
     last_query = attention_mask[:, 0, -1, :length]
     return last_query if last_query.dtype == torch.bool else last_query == 0
+
+
+def full_attention_mask(attention_mask: Any) -> Any:
+    """The mask of the full-attention layers when `generate` hands the decoder stack one mask per layer type
+    ({"full_attention": ..., "sliding_attention": ...}, e.g. Qwen2-VL with a static cache); else `attention_mask`."""
+    if isinstance(attention_mask, Mapping):
+        return attention_mask.get("full_attention")
+    return attention_mask
 
 
 def _mask_kind(implementation: str) -> str:

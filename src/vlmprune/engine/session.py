@@ -23,7 +23,14 @@ from vlmprune.engine.compat import (
     static_capacity,
     transformers_version,
 )
-from vlmprune.engine.layout import Layout, attention_mask_for, compact, gather_rows, valid_keys_of
+from vlmprune.engine.layout import (
+    Layout,
+    attention_mask_for,
+    compact,
+    full_attention_mask,
+    gather_rows,
+    valid_keys_of,
+)
 from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
 from vlmprune.methods.base import Method
@@ -499,7 +506,7 @@ class PruningSession:
         run.decoding = True
         batch, q = embeds.shape[:2]
         config, dtype = self.adapter.text_config, embeds.dtype
-        attention_mask = kwargs.get("attention_mask")
+        attention_mask = full_attention_mask(kwargs.get("attention_mask"))
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None  # transformers' 4-D mask (generate with a static cache): new tokens are never padding
         if run.capacity is None:
