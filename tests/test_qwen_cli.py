@@ -43,7 +43,9 @@ def test_the_saved_processor_loads_back_without_torchvision(saved):
     assert processor.image_token == "<|image_pad|>" and processor.chat_template
 
 
-@pytest.mark.parametrize("method", [["--method", "vispruner", "--param", "keep=6"], ["--method", "pdrop", "--param", "layers=[1,2,4]"]])
+@pytest.mark.parametrize(
+    "method", [["--method", "vispruner", "--param", "keep=6"], ["--method", "pdrop", "--param", "layers=[1,2,4]"]]
+)
 def test_generate_prints_the_answer_and_the_kept_tokens(saved, image_file, method, capsys):
     argv = ["generate", "--model", saved[1], "--image", image_file, "--prompt", "where is the cat"]
     assert main([*argv, *method, "--max-new-tokens", "3"]) == 0

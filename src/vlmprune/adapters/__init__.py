@@ -9,7 +9,15 @@ from vlmprune.adapters.llava import LlavaAdapter
 from vlmprune.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from vlmprune.errors import UnsupportedModelError
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "LlavaAdapter",
+    "ModelAdapter",
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
+    "get_adapter",
+]
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 

@@ -61,9 +61,7 @@ class ModelAdapter(ABC):
         """
         return None
 
-    def vision_attention(
-        self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]
-    ) -> torch.Tensor:
+    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
         """(images, image tokens of one image) float32: the attention each image token receives at `layer`.
 
         Computed from the layer's input `hidden` (images, tokens, width) with the layer's own norm and q/k

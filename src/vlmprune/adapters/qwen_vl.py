@@ -138,9 +138,7 @@ class QwenVLAdapter(ModelAdapter):
 
     # Vision-encoder features and attention (merged grid) ---------------------------------------------------
 
-    def vision_attention(
-        self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]
-    ) -> torch.Tensor:
+    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
         """(patches,) float32: the attention each patch receives from its own image's patches at `layer`, averaged
         over those queries and the heads; `split_vision_features` merges it to the token grid.
 
@@ -233,7 +231,7 @@ class Qwen2VLAdapter(QwenVLAdapter):
     model_classes: ClassVar[tuple[str, ...]] = ("Qwen2VLForConditionalGeneration",)
 
 
-class Qwen2_5_VLAdapter(QwenVLAdapter):  # noqa: N801 - named after transformers' class
+class Qwen2_5_VLAdapter(QwenVLAdapter):
     """Qwen2.5-VL: the tower attends in windows except at `fullatt_block_indexes`, on patches in window order."""
 
     family: ClassVar[str] = "qwen2.5-vl"
@@ -255,7 +253,9 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):  # noqa: N801 - named after transformers
         from transformers.vision_utils import get_vision_window_index
 
         return get_vision_window_index(
-            grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            grid_thw,
+            spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size,
             patch_size=visual.patch_size,
         )[0]
 

@@ -23,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure speed-ups of methods against the unpruned model",
         description=(
-            "Build a random-weight LLaVA or Qwen-VL of a named shape (no download), then time the unpruned model and each "
-            "method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
+            "Build a random-weight LLaVA or Qwen-VL of a named shape (no download), then time the unpruned model "
+            "and each method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
             "decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured prefill "
             "speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
             "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the "

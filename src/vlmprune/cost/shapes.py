@@ -86,9 +86,7 @@ _QWEN25_VIT = VisionShape(
     hidden=1280, intermediate=3420, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
 )
 # Qwen2-VL's ViT (675M; MLP ratio 4): 4096 patches of a 896x896 image, merged 2x2 into 1024 tokens
-_QWEN2_VIT = VisionShape(
-    hidden=1280, intermediate=5120, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
-)
+_QWEN2_VIT = VisionShape(hidden=1280, intermediate=5120, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584)))
 # Qwen3-VL's SigLIP-2 ViT (patch 16): 4096 patches of a 1024x1024 image; the merger and the three DeepStack
 # mergers (same shape) each run on every image token
 _QWEN3_VIT = VisionShape(
@@ -119,9 +117,7 @@ SHAPES: dict[str, ModelShape] = {
             family="llava_next",
         ),
         # Qwen2-7B + its ViT (2x2 patch merger); 1024 tokens is a 896x896 image
-        ModelShape(
-            "qwen2-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN2_VIT, family="qwen2_vl"
-        ),
+        ModelShape("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN2_VIT, family="qwen2_vl"),
         # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
         ModelShape(
             "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_5_vl"

@@ -440,7 +440,9 @@ class PruningSession:
         from_source = source.clamp(min=0)
         if stage.positions == "original":
             position_ids = gather_rows(original.position_ids, from_source, dim=original.position_ids.dim() - 1)
-            position_embeddings = tuple(gather_rows(t, from_source, dim=t.dim() - 2) for t in run.full_position_embeddings)
+            position_embeddings = tuple(
+                gather_rows(t, from_source, dim=t.dim() - 2) for t in run.full_position_embeddings
+            )
             shift = None
         else:
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -566,7 +568,9 @@ def _rows_of_columns(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, rank, -1)
 
 
-def _add_rows(hidden: torch.Tensor, layout: Layout, row_of_column: torch.Tensor, additions: torch.Tensor) -> torch.Tensor:
+def _add_rows(
+    hidden: torch.Tensor, layout: Layout, row_of_column: torch.Tensor, additions: torch.Tensor
+) -> torch.Tensor:
     """`hidden` (batch, width, dim) on `layout`'s rows, each row plus its source column's row of `additions` (if any).
 
     A row carries its own token's addition; rows without one are returned untouched (not even + 0).
