@@ -251,3 +251,19 @@ def test_generation_on_a_static_cache_equals_the_masked_reference(family, case):
     renumber = renumber_flags(method, model.config.text_config.num_hidden_layers)
     expected = reference_greedy(model, inputs, trace, renumber, 6)
     assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], expected)
+
+
+def test_deepstack_additions_matter_so_the_oracles_see_them():
+    """Control for the DeepStack oracles: without the kept tokens' additions the LLM's output changes."""
+    from vlmprune.reference import _kept_inputs, _run_alone
+
+    model, method = tiny_model("qwen3-vl", "sdpa"), build("random-before-the-llm")
+    inputs = make_inputs("qwen3-vl", [0])
+    with torch.no_grad(), vlmprune.prune(model, method) as trace:
+        model(**inputs)
+    with torch.no_grad():
+        _, embeds, positions, additions = _kept_inputs(model, inputs, trace, renumber=False)[0]
+        assert additions is not None and len(additions[1]) == 2
+        with_additions = _run_alone(model, embeds, positions, additions)
+        without = _run_alone(model, embeds, positions, None)
+    assert not torch.allclose(with_additions, without, atol=1e-3)
