@@ -23,8 +23,10 @@ class Layout:
         source: (batch, n) column of each row in the original prefill sequence; -1 for padding rows.
         valid: (batch, n) bool, False for padding rows.
         image_id: (batch, n) index of each row into its sample's image tokens; -1 for text and padding.
-        position_ids: the rows' position ids, in the shape the decoder layers take.
-        position_embeddings: the rows' (cos, sin); None while the model's own are in use.
+        position_ids: the rows' position ids, (..., batch, n) as the decoder stack takes them (M-RoPE's axes lead;
+            `ModelAdapter.layer_position_ids` says what a layer gets of them).
+        position_embeddings: the rows' (cos, sin), each (..., batch, n, head_dim); None while the model's own are
+            in use.
         mask: the rows' prefill attention mask in the backend's format; None while the model's own is in use.
         decode_shift: (batch,) subtracted from a decode step's position ids; None with original positions.
         n_real: per sample, rows that are not padding (host integers, so that no step waits for the device).
