@@ -6,7 +6,9 @@ Batches hold images of different sizes (dynamic grids) and a prompt with two ima
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch
 from PIL import Image
 
 import vlmprune
+from vlmprune.engine.compat import find_cache
 from vlmprune.methods import METHODS
 from vlmprune.reference import pre_llm_greedy, pre_llm_logits, reference_greedy, reference_logits
 from vlmprune.testing.qwen_vl import QWEN_FAMILIES, build_tiny_qwen_processor, build_tiny_qwen_vl
@@ -38,6 +41,10 @@ CASES |= {
     "vispruner-renumbered": ("vispruner", {"keep": 7, "positions": "renumbered"}),
 }
 
+# transformers renamed the cache argument (5.2x: `cache`; `past_key_values` is still read, but not everywhere)
+CACHE_ARGUMENT = (
+    "cache" if "cache" in inspect.signature(build_tiny_qwen_vl("qwen2-vl").forward).parameters else "past_key_values"
+)
 PROMPTS = ["what is the color of the large object on the left", "where is the cat"]
 # sample 0: one 112x84 image; sample 1: two images of different sizes
 IMAGE_SIZES = [[(84, 112)], [(56, 56), (112, 84)]]
@@ -193,9 +200,9 @@ def test_decoding_without_a_mask_continues_at_the_models_positions(family):
     with torch.no_grad(), vlmprune.prune(model, method):
         expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         out = model(**inputs, use_cache=True)
-        cache, tokens = out.past_key_values, [out.logits[:, -1].argmax(-1, keepdim=True)]
+        cache, tokens = find_cache(out), [out.logits[:, -1].argmax(-1, keepdim=True)]
         for _ in range(3):
-            out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=tokens[-1], use_cache=True, **{CACHE_ARGUMENT: cache})
             tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, dim=1)[0], expected)
 
@@ -267,3 +274,36 @@ def test_deepstack_additions_matter_so_the_oracles_see_them():
         with_additions = _run_alone(model, embeds, positions, additions)
         without = _run_alone(model, embeds, positions, None)
     assert not torch.allclose(with_additions, without, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+@pytest.mark.parametrize("case", ["fastv", "vispruner", "random-before-the-llm", "fastv-renumbered"])
+def test_host_syncs_beyond_the_unpruned_models(family, case):
+    """A prefill reads the device twice more than the unpruned model (the counts, and the images' grids); a decode
+    step no more often."""
+    from vlmprune.engine.syncs import HostSyncCounter
+
+    model = tiny_model(family, "sdpa")
+    inputs = {k: v for k, v in make_inputs(family, [0, 1]).items()}
+    counts = []
+    for method in (None, build(case)):
+        prefill, decode = HostSyncCounter(), HostSyncCounter()
+        with torch.no_grad(), vlmprune.prune(model, method) if method else contextlib.nullcontext():
+            with prefill:
+                out = model(**inputs, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+            # the step's own positions: from a whole mask the model would give the step one per mask column
+            positions = (mask.sum(dim=1, keepdim=True) - 1 + model.model.rope_deltas).expand(3, -1, -1)
+            with decode:
+                model(
+                    input_ids=token,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    **{CACHE_ARGUMENT: find_cache(out)},
+                )
+        counts.append((prefill.total, decode.total))
+    (prefill_unpruned, decode_unpruned), (prefill_pruned, decode_pruned) = counts
+    assert prefill_pruned <= prefill_unpruned + 2, (prefill_unpruned, prefill_pruned)
+    assert decode_pruned <= decode_unpruned, (decode_unpruned, decode_pruned)

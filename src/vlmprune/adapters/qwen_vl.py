@@ -55,7 +55,7 @@ class QwenVLAdapter(ModelAdapter):
         config = model.config
         self.image_token_id = int(config.image_token_id)
         self.merge = int(config.vision_config.spatial_merge_size)
-        self._image_grid_thw: torch.Tensor | None = None  # the last prompt's, for undoing a window order
+        self._image_grid_thw: list[list[int]] = []  # the last prompt's (t, h, w) per image, for undoing windows
 
     @property
     def multimodal_module(self) -> nn.Module:
@@ -92,8 +92,8 @@ class QwenVLAdapter(ModelAdapter):
         grid_thw = inputs.get("image_grid_thw")
         if grid_thw is None:  # `generate` (transformers >= 5.2x) encodes the images first and drops their grids
             return self._grids_from_positions(image_counts, inputs)
-        self._image_grid_thw = grid_thw
-        frames = [(h // self.merge, w // self.merge) for t, h, w in grid_thw.tolist() for _ in range(t)]
+        self._image_grid_thw = grid_thw.tolist()
+        frames = [(h // self.merge, w // self.merge) for t, h, w in self._image_grid_thw for _ in range(t)]
         grids, start = [], 0
         for b, count in enumerate(image_counts):
             sample, covered = [], 0
@@ -133,7 +133,7 @@ class QwenVLAdapter(ModelAdapter):
         for b, (sample, count) in enumerate(zip(grids, image_counts, strict=True)):
             if sum(r * c for r, c in sample) != count:
                 raise UnsupportedModelError(f"sample {b}'s image-token positions do not form whole grids")
-        self._image_grid_thw = torch.tensor(grid_thw)
+        self._image_grid_thw = grid_thw
         return grids
 
     # Vision-encoder features and attention (merged grid) ---------------------------------------------------
@@ -243,21 +243,25 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
         return self._visual.blocks[max(full)] if full else None
 
     def _token_order(self, merged: torch.Tensor) -> torch.Tensor:
-        window_index = self._window_index(self._image_grid_thw)
-        return merged[torch.argsort(window_index.to(merged.device))]
+        return merged[torch.argsort(self._window_index().to(merged.device))]
 
-    def _window_index(self, grid_thw: torch.Tensor) -> torch.Tensor:
+    def _window_index(self) -> torch.Tensor:
+        """(merged tokens,) the tower's window order of the last prompt's images (`get_window_index` of the model's
+        code), computed on the host from their grids so that nothing waits for the device."""
         visual = self._visual
-        if hasattr(visual, "get_window_index"):  # transformers < 5.2x
-            return visual.get_window_index(grid_thw)[0]
-        from transformers.vision_utils import get_vision_window_index
-
-        return get_vision_window_index(
-            grid_thw,
-            spatial_merge_size=visual.spatial_merge_size,
-            window_size=visual.window_size,
-            patch_size=visual.patch_size,
-        )[0]
+        side = visual.window_size // self.merge // visual.patch_size  # a window's side in merged tokens
+        order, start = [], 0
+        for t, h, w in self._image_grid_thw:
+            rows, cols = h // self.merge, w // self.merge
+            index = torch.arange(t * rows * cols).view(t, rows, cols)
+            pad_rows, pad_cols = -rows % side, -cols % side
+            index = torch.nn.functional.pad(index, (0, pad_cols, 0, pad_rows), value=-1)
+            blocks = index.view(t, (rows + pad_rows) // side, side, (cols + pad_cols) // side, side)
+            flat = blocks.permute(0, 1, 3, 2, 4).reshape(-1)
+            real = torch.sort((flat < 0).to(torch.uint8), stable=True).indices[: t * rows * cols]  # padding last
+            order.append(flat[real] + start)
+            start += t * rows * cols
+        return torch.cat(order)
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
