@@ -307,3 +307,45 @@ def test_host_syncs_beyond_the_unpruned_models(family, case):
     (prefill_unpruned, decode_unpruned), (prefill_pruned, decode_pruned) = counts
     assert prefill_pruned <= prefill_unpruned + 2, (prefill_unpruned, prefill_pruned)
     assert decode_pruned <= decode_unpruned, (decode_unpruned, decode_pruned)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_vision_attention_is_per_image_and_in_token_order(family):
+    """The merged-grid attention of an image is the same in a batch as alone (the packed tower's images never see
+    each other), sums to 1 over the image's tokens (mean attention received), and the window order of
+    Qwen2.5-VL is undone: the merger's rows put in token order are the tower's own output."""
+    from vlmprune.adapters import get_adapter
+
+    model = tiny_model(family, "sdpa")
+    adapter = get_adapter(model)
+    captured = {}
+
+    def keep(module, args, kwargs):
+        captured["attention"] = adapter.vision_attention(module, args[0] if args else kwargs["hidden_states"], kwargs)
+
+    def keep_merger_input(module, args):
+        captured["merger_input"] = args[0]
+
+    handles = [
+        adapter.vision_attention_layer.register_forward_pre_hook(keep, with_kwargs=True),
+        adapter.vision_feature_module.register_forward_pre_hook(keep_merger_input),
+    ]
+    per_image = []
+    try:
+        with torch.no_grad():
+            for samples in ([0, 1], [0], [1]):
+                inputs = make_inputs(family, samples)
+                counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+                pooled = adapter._visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+                adapter.image_grids([sum(counts)], inputs)  # the adapter learns the prompt's grids
+                attention = adapter.split_vision_features(captured["attention"].unsqueeze(-1), [sum(counts)])[0]
+                per_image.append(list(torch.split(attention.squeeze(-1), counts)))
+                merged = adapter.vision_feature_module(captured["merger_input"])
+                torch.testing.assert_close(adapter._token_order(merged), pooled)
+    finally:
+        for handle in handles:
+            handle.remove()
+    together, first, second = per_image
+    for image, alone in zip(together, first + second, strict=True):
+        torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(image.sum() * 4, torch.tensor(1.0), atol=1e-5, rtol=0)  # 4 patches per token
