@@ -303,6 +303,7 @@ class PruningSession:
         self.trace.output_index = run.current.source
         run.probes.clear()
         run.vision_features = run.vision_attention = None
+        run.additions, run.addition_row = [], None  # added once, in the prefill
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
             run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
