@@ -209,7 +209,7 @@ def test_important_set_is_the_top_cls_attention_of_the_feature_layer(clip_model,
         eager_attentions(clip_model, inputs)
     finally:
         handle.remove()
-    torch.testing.assert_close(adapter.vision_attention(layer, captured["hidden"]), cls_row[-2])
+    torch.testing.assert_close(adapter.vision_attention(layer, captured["hidden"], {}), cls_row[-2])
 
 
 def siglip_llava(seed: int = 0, attn: str = "eager"):

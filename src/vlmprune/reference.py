@@ -8,6 +8,12 @@ self-check compare pruned runs against it; it runs the eager and sdpa backends, 
 For a method that prunes once before the language model (a stage at layer 0) there is a second, more direct
 reference (`pre_llm_logits`, `pre_llm_greedy`): the unmodified language model run, one sample at a time and
 with no hook on it, on only the input embeddings the method kept, with the positions it defines.
+
+Positions: a family whose forward derives its own positions from the prompt (`ModelAdapter.computes_positions`,
+M-RoPE's 3-D positions) gets none from the references, so the model's own are the original ones; others get
+`generate`'s, from the attention mask. Renumbered positions are each alive token's rank, on every M-RoPE axis.
+Per-token additions to the first layers' outputs (Qwen3-VL's DeepStack) are made by the model itself: in full in
+the masked reference, and for the kept tokens only in the pre-LLM one.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def alive_per_layer(model, inputs: dict, trace: Trace) -> list[torch.Tensor]:
     return alive
 
 
-def _install(model, alive: list[torch.Tensor], renumber: list[bool], position_ids: torch.Tensor):
+def _install(model, alive: list[torch.Tensor], renumber: list[bool]):
     adapter = get_adapter(model)
     eager = adapter.text_config._attn_implementation == "eager"
     handles = []
@@ -82,14 +88,20 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def _position_kwargs(model, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The position ids the references pass: none where the model derives its own (see the module docstring)."""
+    if get_adapter(model).computes_positions:
+        return {}
+    return {"position_ids": positions_from_mask(attention_mask)}
+
+
 @torch.no_grad()
 def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) -> torch.Tensor:
     """(batch, seq, vocab) logits of the masked unpruned model, with the kept sets of `trace`."""
     alive = alive_per_layer(model, inputs, trace)
-    position_ids = positions_from_mask(inputs["attention_mask"])
-    handles = _install(model, alive, renumber, position_ids)
+    handles = _install(model, alive, renumber)
     try:
-        return model(**inputs, position_ids=position_ids, use_cache=False).logits
+        return model(**inputs, **_position_kwargs(model, inputs["attention_mask"]), use_cache=False).logits
     finally:
         for h in handles:
             h.remove()
@@ -103,20 +115,23 @@ def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], ne
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     out = []
     for _ in range(new_tokens):
-        handles = _install(model, alive, renumber, positions_from_mask(mask))
+        handles = _install(model, alive, renumber)
         try:
             logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions_from_mask(mask),
-                use_cache=False,
-                **extra,
+                input_ids=ids, attention_mask=mask, use_cache=False, **_position_kwargs(model, mask), **extra
             ).logits
         finally:
             for h in handles:
                 h.remove()
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(token)
+        # per-token inputs (Qwen's mm_token_type_ids) grow with the text: a new token is text (type 0)
+        extra = {
+            k: torch.cat([v, torch.zeros_like(token, dtype=v.dtype)], dim=1)
+            if isinstance(v, torch.Tensor) and v.shape == ids.shape
+            else v
+            for k, v in extra.items()
+        }
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     return torch.cat(out, dim=1)
@@ -126,12 +141,16 @@ class _Captured(Exception):
     """Stops a forward once the decoder stack's input embeddings are captured."""
 
 
-def _input_embeddings(model, inputs: dict) -> torch.Tensor:
-    """(batch, seq, hidden) embeddings the decoder stack receives (text embeddings with the image features merged)."""
+def _decoder_inputs(model, inputs: dict) -> dict:
+    """What the decoder stack receives: "embeds" (batch, seq, hidden), the text embeddings with the image features
+    merged; "position_ids" ((..., batch, seq), or None); "additions" (`ModelAdapter.take_layer_additions`)."""
     captured = {}
+    adapter = get_adapter(model)
 
     def hook(module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
+        captured["position_ids"] = kwargs.get("position_ids")
+        captured["additions"] = adapter.take_layer_additions(dict(kwargs))
         raise _Captured
 
     handle = get_adapter(model).text_model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -141,32 +160,55 @@ def _input_embeddings(model, inputs: dict) -> torch.Tensor:
         pass
     finally:
         handle.remove()
-    return captured["embeds"]
+    return captured
 
 
 def _kept_inputs(model, inputs: dict, trace: Trace, renumber: bool) -> list[tuple[torch.Tensor, ...]]:
-    """Per sample, (kept input columns, their embeddings (1, n, hidden), their position ids (1, n))."""
+    """Per sample, (kept input columns, their embeddings (1, n, hidden), their position ids (..., 1, n), and their
+    per-layer additions as (mask (1, n), [(rows, hidden) per layer]) or None)."""
     if len(trace.stages) != 1 or trace.stages[0].layer != 0:
         raise ValueError("the pre-LLM reference needs a trace with one stage, at layer 0")
-    embeds = _input_embeddings(model, inputs)
+    captured = _decoder_inputs(model, inputs)
+    embeds = captured["embeds"]
     image = get_adapter(model).image_token_mask(inputs)
     image_id = torch.where(image, image.long().cumsum(1) - 1, -1)
     valid = inputs["attention_mask"].bool()
-    positions = positions_from_mask(inputs["attention_mask"])
+    positions = captured["position_ids"]
+    if positions is None:
+        positions = positions_from_mask(inputs["attention_mask"])
+    positions = get_adapter(model).rope_position_ids(positions)
+    additions = captured["additions"]
     samples = []
     for b, kept in enumerate(trace.stages[0].kept):
         keep_image = torch.zeros(int(image[b].sum()), dtype=torch.bool)
         keep_image[kept] = True
         columns = torch.nonzero(valid[b] & (~image[b] | keep_image[image_id[b].clamp(min=0)])).flatten()
-        position_ids = torch.arange(columns.numel()) if renumber else positions[b, columns]
-        samples.append((columns, embeds[b, columns][None], position_ids[None]))
+        position_ids = torch.arange(columns.numel())[None] if renumber else positions[..., b : b + 1, columns]
+        kept_additions = None
+        if additions is not None:
+            mask, per_layer = additions
+            rows = mask.flatten().long().cumsum(0).view(mask.shape)[b, columns] - 1  # each column's addition row
+            has = mask[b, columns]
+            kept_additions = (has[None], [layer[rows[has]] for layer in per_layer])
+        samples.append((columns, embeds[b, columns][None], position_ids, kept_additions))
     return samples
 
 
-def _unpacked(position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`position_ids` with an explicit all-ones mask: without a mask, transformers reads a jump in the positions
-    as the start of another packed sequence and hides everything before it."""
-    return {"position_ids": position_ids, "attention_mask": torch.ones_like(position_ids)}
+def _run_alone(model, embeds: torch.Tensor, position_ids: torch.Tensor, additions) -> torch.Tensor:
+    """(1, n, vocab) logits of the unmodified model on `embeds` alone, at `position_ids`, with an explicit all-ones
+    mask (without one, transformers reads a jump in the positions as the start of another packed sequence)."""
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if additions is None:
+        return model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, use_cache=False).logits
+    adapter = get_adapter(model)
+    hidden = adapter.text_model(
+        inputs_embeds=embeds,
+        position_ids=position_ids,
+        attention_mask=mask,
+        use_cache=False,
+        **adapter.addition_kwargs(*additions),
+    ).last_hidden_state
+    return model.get_output_embeddings()(hidden)
 
 
 @torch.no_grad()
@@ -174,9 +216,8 @@ def pre_llm_logits(model, inputs: dict, trace: Trace, renumber: bool) -> list[tu
     """Per sample, (its kept input columns, ascending; their (n, vocab) logits) from the unmodified model run on the
     kept embeddings alone, at positions 0..n-1 (`renumber`) or at each kept token's original position."""
     out = []
-    for columns, embeds, position_ids in _kept_inputs(model, inputs, trace, renumber):
-        logits = model(inputs_embeds=embeds, **_unpacked(position_ids), use_cache=False).logits[0]
-        out.append((columns, logits))
+    for columns, embeds, position_ids, additions in _kept_inputs(model, inputs, trace, renumber):
+        out.append((columns, _run_alone(model, embeds, position_ids, additions)[0]))
     return out
 
 
@@ -186,13 +227,15 @@ def pre_llm_greedy(model, inputs: dict, trace: Trace, renumber: bool, new_tokens
     recomputed from scratch each step; each new token takes the position after the previous one."""
     embedding = model.get_input_embeddings()
     out = []
-    for _, embeds, position_ids in _kept_inputs(model, inputs, trace, renumber):
+    for _, embeds, position_ids, additions in _kept_inputs(model, inputs, trace, renumber):
         tokens = []
         for _ in range(new_tokens):
-            logits = model(inputs_embeds=embeds, **_unpacked(position_ids), use_cache=False).logits
+            logits = _run_alone(model, embeds, position_ids, additions)
             token = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
             tokens.append(token[0])
             embeds = torch.cat([embeds, embedding(token).to(embeds.dtype)], dim=1)
-            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+            position_ids = torch.cat([position_ids, position_ids[..., -1:] + 1], dim=-1)
+            if additions is not None:  # a new token has no addition
+                additions = (torch.cat([additions[0], torch.zeros_like(additions[0][:, :1])], dim=1), additions[1])
         out.append(torch.cat(tokens))
     return out

@@ -6,11 +6,20 @@ from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.adapters.llava import LlavaAdapter
+from vlmprune.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from vlmprune.errors import UnsupportedModelError
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "get_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "LlavaAdapter",
+    "ModelAdapter",
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
+    "get_adapter",
+]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

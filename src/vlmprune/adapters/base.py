@@ -23,6 +23,9 @@ class ModelAdapter(ABC):
 
     family: ClassVar[str]
     model_classes: ClassVar[tuple[str, ...]]
+    #: whether the multimodal forward derives its own position ids from the prompt (M-RoPE's 3-D positions), so
+    #: callers (the references) pass none; otherwise they pass `generate`'s, from the attention mask
+    computes_positions: ClassVar[bool] = False
     #: the multimodal forward's arguments that carry images: a call with one is a new prompt, never a decode step
     image_arguments: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
@@ -58,11 +61,13 @@ class ModelAdapter(ABC):
         """
         return None
 
-    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
         """(images, image tokens of one image) float32: the attention each image token receives at `layer`.
 
         Computed from the layer's input `hidden` (images, tokens, width) with the layer's own norm and q/k
         projections, for the rows needed only; columns in image-token order (a [CLS] column dropped).
+        `layer_kwargs` are the keyword arguments the layer was called with (a packed tower's sequence bounds and
+        rotary embeddings). Any shape whose flattening `split_vision_features` splits per sample will do.
         """
         raise NotImplementedError(f"{self.family} models expose no vision-encoder attention")
 
@@ -97,8 +102,9 @@ class ModelAdapter(ABC):
     def image_grids(self, image_counts: list[int], inputs: Mapping[str, Any]) -> list[list[tuple[int, int]]]:
         """Per sample, (rows, cols) of each image's (or crop's, or frame's) grid of image tokens, in prompt order.
 
-        `image_counts[b]` is sample b's number of image tokens; `inputs` as for `image_token_mask`. The grids of a
-        sample cover its image tokens in order: their rows x cols sum to its count.
+        `image_counts[b]` is sample b's number of image tokens; `inputs` as for `image_token_mask`, with the position
+        ids the decoder stack got as `decoder_position_ids`. The grids of a sample cover its image tokens in order:
+        their rows x cols sum to its count.
         """
 
     def split_vision_features(self, features: torch.Tensor, n_image_tokens: list[int]) -> list[torch.Tensor]:
@@ -151,6 +157,53 @@ class ModelAdapter(ABC):
     ) -> torch.Tensor:
         """The position ids the decoder stack uses when the caller passes none (`past` may be a device scalar)."""
         return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, -1)
+
+    def decode_position_ids(
+        self,
+        position_ids: torch.Tensor | None,
+        inputs: Mapping[str, Any],
+        batch: int,
+        length: int,
+        past: int | torch.Tensor,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """The original positions of a decode step's `length` new tokens, `past` tokens after the prompt's start.
+
+        `position_ids` are those the decoder stack got (None: it derives them from the cache's length, which
+        pruning shortens), `inputs` the multimodal forward's keyword arguments for this step.
+        """
+        if position_ids is not None:
+            return position_ids
+        return self.default_position_ids(batch, length, past, device)
+
+    def rope_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of `position_ids` that the rotary embedding reads ((..., batch, seq); a text-only row dropped)."""
+        return position_ids
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """What a decoder layer gets as `position_ids` for rows at these positions (flash attention reads them)."""
+        return position_ids
+
+    # Additions to the hidden states ------------------------------------------------------------------------
+
+    @property
+    def addition_layers(self) -> int:
+        """How many first decoder layers have per-token additions to their output (Qwen3-VL's DeepStack)."""
+        return 0
+
+    def take_layer_additions(self, kwargs: dict) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """Removes from the decoder stack's keyword arguments what it would add to its first layers' outputs.
+
+        Returns the (batch, seq) bool mask of the prefill columns that get additions and, per layer from the first,
+        the (columns with an addition, in row-major order, hidden) rows added after that layer; None when the
+        stack was given none. The engine then adds them itself to the rows it keeps (see `PruningSession`).
+        """
+        return None
+
+    def addition_kwargs(self, mask: torch.Tensor, additions: list[torch.Tensor]) -> dict[str, Any]:
+        """The decoder stack's keyword arguments that make it add `additions` itself (`take_layer_additions`'s
+        inverse; the references run the unmodified stack with them)."""
+        raise NotImplementedError(f"{self.family} decoder stacks take no per-token additions")
 
 
 def vit_attention(

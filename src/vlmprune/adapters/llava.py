@@ -76,7 +76,7 @@ class LlavaAdapter(ModelAdapter):
         index = len(layers) + feature_layer if feature_layer < 0 else feature_layer - 1
         return layers[index] if 0 <= index < len(layers) else None
 
-    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def vision_attention(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
         received = vit_attention(layer, hidden, "first" if self.has_cls else "mean")
         return received[:, 1:] if self._drop_first_column else received
 

@@ -203,7 +203,9 @@ def method_or_none(name: str, params: dict[str, object]):
 def load_model(model_id: str, *, device: str, dtype: str, attn: str):
     """`(processor, model)` from `model_id` (checked by the `model_ref` argument type), in eval mode on `device`."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from vlmprune.processors import load_processor
 
     path = os.path.expanduser(model_id)
     try:
@@ -221,7 +223,7 @@ def load_model(model_id: str, *, device: str, dtype: str, attn: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            processor = AutoProcessor.from_pretrained(path)
+            processor = load_processor(path)
             model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

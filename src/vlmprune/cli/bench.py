@@ -23,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure speed-ups of methods against the unpruned model",
         description=(
-            "Build a random-weight LLaVA of a named shape (no download), then time the unpruned model and each "
-            "method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
+            "Build a random-weight LLaVA or Qwen-VL of a named shape (no download), then time the unpruned model "
+            "and each method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
             "decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured prefill "
             "speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
             "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the "
@@ -71,15 +71,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Every method with its `--param`s, and a shape bench can build (LLaVA layout), before any model is built."""
+    """Every method with its `--param`s, and a shape bench can build (LLaVA or Qwen-VL layout), before any model
+    is built."""
     from vlmprune.cost import get_shape
-    from vlmprune.testing import llava_config_for_shape
 
     _variants(args)
+    _config_for_shape(get_shape(args.shape))
+
+
+def _config_for_shape(shape):
+    """The random-weight model's config for `shape`: a LLaVA or a Qwen-VL layout."""
+    from vlmprune.testing import llava_config_for_shape
+    from vlmprune.testing.qwen_vl import SHAPE_FAMILIES, qwen_vl_config_for_shape
+
     try:
-        llava_config_for_shape(get_shape(args.shape))
+        return qwen_vl_config_for_shape(shape) if shape.family in SHAPE_FAMILIES else llava_config_for_shape(shape)
     except ValueError as error:
-        raise CommandError(f"--shape {args.shape}: bench builds LLaVA-layout models: {error}") from None
+        raise CommandError(f"--shape {shape.name}: bench builds LLaVA- and Qwen-VL-layout models: {error}") from None
 
 
 def _variants(args: argparse.Namespace) -> list:
@@ -105,16 +113,12 @@ def _variants(args: argparse.Namespace) -> list:
 
 def _build(args: argparse.Namespace, batch: int):
     import torch
-    from PIL import Image
 
     from vlmprune.cost import get_shape
-    from vlmprune.testing import WORDS, build_tiny_processor, llava_config_for_shape
+    from vlmprune.testing import WORDS
 
     shape = get_shape(args.shape)
-    try:
-        config = llava_config_for_shape(shape)
-    except ValueError as error:
-        raise CommandError(f"bench builds LLaVA-layout models: {error}") from None
+    config = _config_for_shape(shape)
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -127,23 +131,47 @@ def _build(args: argparse.Namespace, batch: int):
             f"{shape.name} in {args.dtype} needs about {needed / 2**30:.1f} GiB of weights, but {args.device} has "
             f"{available / 2**30:.1f} GiB; use a smaller shape (e.g. llava-cpu-mid) or another device"
         )
-    from transformers import LlavaForConditionalGeneration
-
     dtype = getattr(torch, DTYPES[args.dtype])
     with torch.device(device):
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=args.attn, dtype=dtype)
+        model = _model_class(shape)._from_config(config, attn_implementation=args.attn, dtype=dtype)
     model.eval()
-    side = shape.grid[0] * 14
-    processor = build_tiny_processor(image_size=side, patch_size=14)
     question = " ".join(WORDS[i % len(WORDS)] for i in range(args.text_words))
-    image = Image.new("RGB", (side, side), (120, 80, 200))
-    inputs = processor(
-        images=[image] * batch, text=[f"USER: <image>\n{question} ASSISTANT:"] * batch, return_tensors="pt"
-    )
+    processor, image, text = _prompt(shape, question)
+    inputs = processor(images=[image] * batch, text=[text] * batch, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return model, inputs, shape
+
+
+def _model_class(shape) -> type:
+    import transformers
+
+    from vlmprune.testing.qwen_vl import SHAPE_FAMILIES, qwen_vl_model_class
+
+    if shape.family in SHAPE_FAMILIES:
+        return qwen_vl_model_class(SHAPE_FAMILIES[shape.family])
+    return transformers.LlavaForConditionalGeneration
+
+
+def _prompt(shape, question: str):
+    """(processor, image, prompt text) of one image whose token grid is `shape.grid`, and `question`."""
+    from PIL import Image
+
+    from vlmprune.testing import build_tiny_processor
+    from vlmprune.testing.qwen_vl import SHAPE_FAMILIES, build_tiny_qwen_processor, image_side
+
+    colour = (120, 80, 200)
+    if shape.family not in SHAPE_FAMILIES:
+        side = shape.grid[0] * 14
+        image = Image.new("RGB", (side, side), colour)
+        return build_tiny_processor(image_size=side, patch_size=14), image, f"USER: <image>\n{question} ASSISTANT:"
+    family = SHAPE_FAMILIES[shape.family]
+    height, width = image_side(family, shape.grid)
+    processor = build_tiny_qwen_processor(family, min_side=min(height, width), max_side=max(height, width))
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor, Image.new("RGB", (width, height), colour), text
 
 
 def _compile_options(args: argparse.Namespace) -> dict | None:

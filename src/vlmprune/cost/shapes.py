@@ -39,7 +39,8 @@ class ModelShape:
         grid: (rows, cols) of one image's token grid, for methods that sample a grid.
         images: images per prompt (LLaVA-NeXT's crops count as images).
         vision: the vision tower, or None to leave it out of the exact count.
-        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "prismatic").
+        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+            "prismatic"): the transformers model_type.
     """
 
     name: str
@@ -84,6 +85,15 @@ _SIGLIP_SO400M = VisionShape(
 _QWEN25_VIT = VisionShape(
     hidden=1280, intermediate=3420, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
 )
+# Qwen2-VL's ViT (675M; MLP ratio 4): 4096 patches of a 896x896 image, merged 2x2 into 1024 tokens
+_QWEN2_VIT = VisionShape(hidden=1280, intermediate=5120, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584)))
+# Qwen3-VL's SigLIP-2 ViT (patch 16): 4096 patches of a 1024x1024 image; the merger and the three DeepStack
+# mergers (same shape) each run on every image token
+_QWEN3_VIT = VisionShape(
+    hidden=1152, intermediate=4304, layers=27, tokens=4096, projector=((4608, 4608), (4608, 4096)) * 4
+)
+# the tiny Qwen-VL models of vlmprune.testing.qwen_vl (4x4 tokens of a 112 px image, 128 px for Qwen3-VL)
+_QWEN_TINY_VIT = VisionShape(hidden=32, intermediate=64, layers=2, tokens=64, projector=((128, 128), (128, 64)))
 
 SHAPES: dict[str, ModelShape] = {
     shape.name: shape
@@ -106,9 +116,30 @@ SHAPES: dict[str, ModelShape] = {
             vision=_CLIP_L_336,
             family="llava_next",
         ),
+        # Qwen2-7B + its ViT (2x2 patch merger); 1024 tokens is a 896x896 image
+        ModelShape("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN2_VIT, family="qwen2_vl"),
         # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
         ModelShape(
-            "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_vl"
+            "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_5_vl"
+        ),
+        # Qwen3-8B (head dim 128) + its ViT with DeepStack; 1024 tokens is a 1024x1024 image
+        ModelShape(
+            "qwen3-vl-8b",
+            4096,
+            12288,
+            36,
+            32,
+            8,
+            151936,
+            1024,
+            (32, 32),
+            head_dim=128,
+            vision=_QWEN3_VIT,
+            family="qwen3_vl",
+        ),
+        *(
+            ModelShape(f"{name}-tiny", 64, 128, 6, 4, 2, 234, 16, (4, 4), vision=_QWEN_TINY_VIT, family=family)
+            for name, family in (("qwen2-vl", "qwen2_vl"), ("qwen2.5-vl", "qwen2_5_vl"), ("qwen3-vl", "qwen3_vl"))
         ),
         # FEATHER's model (prism-siglip-controlled+7b): Llama-2-7B + SigLIP SO400M at 384 px (27 x 27 = 729 tokens,
         # no [CLS]) + GELU MLP; Prismatic adds <PAD> and pads the vocabulary to a multiple of 64 (32064 rows)
@@ -152,12 +183,19 @@ def get_shape(name: str) -> ModelShape:
     return SHAPES[name]
 
 
+# a Qwen-VL config names no image size: its shapes count a 32x32 grid of merged tokens (896 px at patch 14)
+QWEN_DEFAULT_GRID = (32, 32)
+
+
 def shape_from_config(config: Any, name: str = "config") -> ModelShape:
-    """The shape of a transformers LLaVA-style config (`text_config` + `vision_config`)."""
+    """The shape of a transformers LLaVA-style config (`text_config` + `vision_config`), or of a Qwen-VL one
+    (dynamic resolution: `QWEN_DEFAULT_GRID` image tokens unless told otherwise)."""
     text = getattr(config, "text_config", None)
     vision = getattr(config, "vision_config", None)
     if text is None or vision is None:
         raise VlmpruneError(f"{name}: expected a VLM config with text_config and vision_config")
+    if getattr(config, "model_type", "") in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        return _qwen_shape(config, text, vision, name)
     heads = text.num_attention_heads
     side = vision.image_size // vision.patch_size
     feature_layer = getattr(config, "vision_feature_layer", -1)
@@ -184,4 +222,38 @@ def shape_from_config(config: Any, name: str = "config") -> ModelShape:
             tokens=side * side + cls_tokens,
             projector=((vision.hidden_size, projector_hidden), (projector_hidden, hidden)),
         ),
+    )
+
+
+def _qwen_shape(config: Any, text: Any, vision: Any, name: str) -> ModelShape:
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL config's shape: each image token is 2x2 patches merged by an MLP (Qwen3-VL
+    also runs one DeepStack merger per `deepstack_visual_indexes`)."""
+    heads = text.num_attention_heads
+    merge = vision.spatial_merge_size**2
+    rows, cols = QWEN_DEFAULT_GRID
+    if config.model_type == "qwen2_vl":  # Qwen2-VL's tower names its width embed_dim and its MLP by a ratio
+        width, intermediate = vision.embed_dim, vision.embed_dim * vision.mlp_ratio
+    else:
+        width, intermediate = vision.hidden_size, vision.intermediate_size
+    merged = width * merge
+    mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", ()) or ())
+    return ModelShape(
+        name=name,
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        vocab=text.vocab_size,
+        image_tokens=rows * cols,
+        grid=(rows, cols),
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vision=VisionShape(
+            hidden=width,
+            intermediate=intermediate,
+            layers=vision.depth,
+            tokens=rows * cols * merge,
+            projector=((merged, merged), (merged, text.hidden_size)) * mergers,
+        ),
+        family=config.model_type,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from transformers import masking_utils
 from vlmprune.errors import VlmpruneError
 from vlmprune.tensors import on_device
 
-__all__ = ["Layout", "attention_mask_for", "compact", "gather_rows", "valid_keys_of"]
+__all__ = ["Layout", "attention_mask_for", "compact", "full_attention_mask", "gather_rows", "valid_keys_of"]
 
 
 @dataclass
@@ -22,8 +23,10 @@ class Layout:
         source: (batch, n) column of each row in the original prefill sequence; -1 for padding rows.
         valid: (batch, n) bool, False for padding rows.
         image_id: (batch, n) index of each row into its sample's image tokens; -1 for text and padding.
-        position_ids: the rows' position ids, in the shape the decoder layers take.
-        position_embeddings: the rows' (cos, sin); None while the model's own are in use.
+        position_ids: the rows' position ids, (..., batch, n) as the decoder stack takes them (M-RoPE's axes lead;
+            `ModelAdapter.layer_position_ids` says what a layer gets of them).
+        position_embeddings: the rows' (cos, sin), each (..., batch, n, head_dim); None while the model's own are
+            in use.
         mask: the rows' prefill attention mask in the backend's format; None while the model's own is in use.
         decode_shift: (batch,) subtracted from a decode step's position ids; None with original positions.
         n_real: per sample, rows that are not padding (host integers, so that no step waits for the device).
@@ -142,6 +145,7 @@ def valid_keys_of(attention_mask: Any, batch: int, length: int, device: torch.de
     is real when the prompt's last query may attend to it (with left or right padding, that query sees every real
     key; the first rows may have been unmasked entirely to keep sdpa from returning NaN).
     """
+    attention_mask = full_attention_mask(attention_mask)
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
@@ -153,6 +157,14 @@ def valid_keys_of(attention_mask: Any, batch: int, length: int, device: torch.de
         return attention_mask[:, -length:].bool()
     last_query = attention_mask[:, 0, -1, :length]
     return last_query if last_query.dtype == torch.bool else last_query == 0
+
+
+def full_attention_mask(attention_mask: Any) -> Any:
+    """The mask of the full-attention layers when `generate` hands the decoder stack one mask per layer type
+    ({"full_attention": ..., "sliding_attention": ...}, e.g. Qwen2-VL with a static cache); else `attention_mask`."""
+    if isinstance(attention_mask, Mapping):
+        return attention_mask.get("full_attention")
+    return attention_mask
 
 
 def _mask_kind(implementation: str) -> str:

@@ -171,7 +171,7 @@ class AttentionProbe:
 
     def _project(self, which: str, cols: torch.Tensor, rope: bool) -> torch.Tensor:
         x = self.adapter.normed_input(self.layer, gather_rows(self.hidden, cols))
-        pe = tuple(gather_rows(t, cols) for t in self.position_embeddings) if rope else None
+        pe = tuple(gather_rows(t, cols, dim=t.dim() - 2) for t in self.position_embeddings) if rope else None
         return self.adapter.project(self.layer, x, which, pe)
 
 

@@ -23,7 +23,14 @@ from vlmprune.engine.compat import (
     static_capacity,
     transformers_version,
 )
-from vlmprune.engine.layout import Layout, attention_mask_for, compact, gather_rows, valid_keys_of
+from vlmprune.engine.layout import (
+    Layout,
+    attention_mask_for,
+    compact,
+    full_attention_mask,
+    gather_rows,
+    valid_keys_of,
+)
 from vlmprune.engine.probe import AttentionProbe
 from vlmprune.errors import LayerError, NoImageTokensError, VlmpruneError
 from vlmprune.methods.base import Method
@@ -50,6 +57,10 @@ class _Prefill:
     full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     vision_features: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None  # (images, image tokens per image), `adapter.vision_attention`
+    # Per-token additions to the first layers' outputs (`adapter.take_layer_additions`): per prefill column, its
+    # row in the additions (batch, L), -1 for none; and per layer, the (rows, hidden) additions.
+    addition_row: torch.Tensor | None = None
+    additions: list[torch.Tensor] = field(default_factory=list)
     probes: dict[int, AttentionProbe] = field(default_factory=dict)
     capacity: int | None = None  # a static cache's length per layer (keys beyond what it holds are unused)
     decoding: bool = False  # a decode step has run on this prefill's cache
@@ -146,6 +157,8 @@ class PruningSession:
                 self._hook(adapter.vision_attention_layer, self._on_vision_attention)
             for i in range(self._first_hooked_layer, adapter.num_layers):
                 self._hook(adapter.layers[i], self._layer_hook(i))
+            for i in range(adapter.addition_layers):
+                self._handles.append(adapter.layers[i].register_forward_hook(self._addition_hook(i)))
         except BaseException:
             self.remove()  # no hook outlives a failed install
             raise
@@ -174,12 +187,16 @@ class PruningSession:
         self._inputs = {**kwargs, "input_ids": kwargs.get("input_ids", args[0] if args else None)}
         self._new_images = self.adapter.has_images(kwargs)
 
+    # A prompt's first tower run is its images' (a video's run follows, e.g. Qwen-VL): only it is kept, until the
+    # prefill takes it.
     def _on_vision_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._vision_features = args[0] if args else next(iter(kwargs.values()))
+        if self._vision_features is None:
+            self._vision_features = args[0] if args else next(iter(kwargs.values()))
 
     def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._vision_attention = self.adapter.vision_attention(module, hidden)
+        if self._vision_attention is None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._vision_attention = self.adapter.vision_attention(module, hidden, kwargs)
 
     def _on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
@@ -200,8 +217,13 @@ class PruningSession:
                 f"{transformers_version()} passes the cache in a way this vlmprune does not know: run `vlmprune env` "
                 "and report its output"
             )
+        additions = self.adapter.take_layer_additions(kwargs)  # the engine adds them to the rows it keeps
         self._start_prefill(embeds, kwargs, cache)
-        return None
+        if additions is None:
+            return None
+        self._run.addition_row = _rows_of_columns(additions[0])
+        self._run.additions = additions[1]
+        return args, kwargs
 
     def _layer_hook(self, index: int) -> Any:
         prefill_work = index in self._prefill_work_at
@@ -221,7 +243,7 @@ class PruningSession:
             kwargs.update(
                 attention_mask=layout.mask,
                 position_embeddings=layout.position_embeddings,
-                position_ids=layout.position_ids,
+                position_ids=self.adapter.layer_position_ids(layout.position_ids),
             )
             if args:
                 return (hidden, *args[1:]), kwargs
@@ -236,9 +258,10 @@ class PruningSession:
         run = self._run
         layout = run.current
         if layout.is_original and run.full_position_embeddings is None:
-            cos, sin = kwargs["position_embeddings"]
-            batch = hidden.shape[0]
-            run.full_position_embeddings = (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1))
+            batch = hidden.shape[0]  # (cos, sin) are (..., batch or 1, L, head_dim); M-RoPE may lead with its 3 axes
+            run.full_position_embeddings = tuple(
+                t.expand(*t.shape[:-3], batch, *t.shape[-2:]) for t in kwargs["position_embeddings"]
+            )
         # A stage scored by its own layer ("after") sees that layer's input before the cut; a stage scored by an
         # earlier layer sees the rows that layer really runs on, after any stage applied at it.
         scored_here = self._scored_at_layer.get(index, ())
@@ -254,6 +277,19 @@ class PruningSession:
     def _embeddings_of(self, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run.full_position_embeddings if layout.is_original else layout.position_embeddings
 
+    def _addition_hook(self, index: int) -> Any:
+        """A forward hook that adds layer `index`'s per-token additions (DeepStack) to the rows the layer ran on."""
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            run = self._run
+            if run is None or run.decoding or index >= len(run.additions):
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = _add_rows(hidden, run.current, run.addition_row, run.additions[index])
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
     def _after_text_model(self, module: nn.Module, args: tuple, output: Any) -> None:
         run = self._run
         if run is not None and not run.decoding:
@@ -267,6 +303,7 @@ class PruningSession:
         self.trace.output_index = run.current.source
         run.probes.clear()
         run.vision_features = run.vision_attention = None
+        run.additions, run.addition_row = [], None  # added once, in the prefill
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
             run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
@@ -306,7 +343,7 @@ class PruningSession:
             n_real=n_real,
             n_image=n_image,
         )
-        image_grids = self.adapter.image_grids(n_image, inputs)
+        image_grids = self.adapter.image_grids(n_image, {**inputs, "decoder_position_ids": position_ids})
         self.method.check_model(self.adapter.num_layers, image_grids)
         self.trace.reset()
         self.trace.calls += 1
@@ -404,12 +441,15 @@ class PruningSession:
         from_source = source.clamp(min=0)
         if stage.positions == "original":
             position_ids = gather_rows(original.position_ids, from_source, dim=original.position_ids.dim() - 1)
-            position_embeddings = tuple(gather_rows(t, from_source) for t in run.full_position_embeddings)
+            position_embeddings = tuple(
+                gather_rows(t, from_source, dim=t.dim() - 2) for t in run.full_position_embeddings
+            )
             shift = None
         else:
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
-            shift = on_device([a - b for a, b in zip(original.n_real, n_real, strict=True)], device)
+            # a decode step's original positions continue after the prompt's last one; renumbered, after its rank
+            shift = self._next_position(original) - on_device(n_real, device)
         reduced = Layout(
             source=source,
             valid=valid,
@@ -425,6 +465,12 @@ class PruningSession:
             self.adapter.text_config, valid_keys, width, hidden.dtype, padded=reduced.padded, query_start=0
         )
         return reduced, index
+
+    def _next_position(self, layout: Layout) -> torch.Tensor:
+        """(batch,) the position after the largest of `layout`'s real rows, on any of the axes RoPE reads."""
+        rows = self.adapter.rope_position_ids(layout.position_ids)
+        last = rows.masked_fill(~layout.valid, -1).amax(dim=-1)
+        return last.reshape(-1, layout.valid.shape[0]).amax(dim=0) + 1
 
     def _vision_features_of(self, run: _Prefill) -> Any:
         def features() -> list[torch.Tensor]:
@@ -463,7 +509,7 @@ class PruningSession:
         run.decoding = True
         batch, q = embeds.shape[:2]
         config, dtype = self.adapter.text_config, embeds.dtype
-        attention_mask = kwargs.get("attention_mask")
+        attention_mask = full_attention_mask(kwargs.get("attention_mask"))
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None  # transformers' 4-D mask (generate with a static cache): new tokens are never padding
         if run.capacity is None:
@@ -482,9 +528,9 @@ class PruningSession:
                 for s, slots in run.slot_valid.items():
                     columns = (new_slots + run.layouts[s].width).expand(batch, q)
                     slots.scatter_(1, columns, attention_mask[:, -q:].bool())
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = self.adapter.default_position_ids(batch, q, run.length + past, embeds.device)
+        position_ids = self.adapter.decode_position_ids(
+            kwargs.get("position_ids"), self._inputs, batch, q, run.length + past, embeds.device
+        )
         kwargs["position_ids"] = position_ids
         run.step_kwargs = {}
         for s in range(1, len(run.layouts)):
@@ -497,8 +543,8 @@ class PruningSession:
                 mask = attention_mask_for(config, run.slot_valid[s], q, dtype, padded=True, query_start=start)
             step = {"attention_mask": mask}
             if layout.decode_shift is not None:
-                shifted = position_ids - layout.decode_shift.view(-1, *([1] * (position_ids.dim() - 1)))
-                step["position_ids"] = shifted
+                shifted = position_ids - layout.decode_shift.view(-1, 1)  # (..., batch, q): M-RoPE's axes lead
+                step["position_ids"] = self.adapter.layer_position_ids(shifted)
                 step["position_embeddings"] = self.adapter.position_embeddings(embeds, shifted)
             run.step_kwargs[s] = step
         if run.fed is not None:
@@ -515,3 +561,22 @@ class PruningSession:
             return None
         kwargs.update(self._run.step_kwargs[s])
         return args, kwargs
+
+
+def _rows_of_columns(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, L) each True column's rank among the True entries of `mask` in row-major order, -1 elsewhere."""
+    rank = mask.flatten().long().cumsum(dim=0).view(mask.shape) - 1
+    return torch.where(mask, rank, -1)
+
+
+def _add_rows(
+    hidden: torch.Tensor, layout: Layout, row_of_column: torch.Tensor, additions: torch.Tensor
+) -> torch.Tensor:
+    """`hidden` (batch, width, dim) on `layout`'s rows, each row plus its source column's row of `additions` (if any).
+
+    A row carries its own token's addition; rows without one are returned untouched (not even + 0).
+    """
+    row = torch.gather(row_of_column.to(hidden.device), 1, layout.source.clamp(min=0))
+    has = (row >= 0) & (layout.source >= 0)
+    added = hidden + additions.to(hidden.device, hidden.dtype)[row.clamp(min=0)]
+    return torch.where(has[..., None], added, hidden)

@@ -18,6 +18,7 @@ __all__ = [
     "iou",
     "parse_normalized_box",
     "parse_pixel_box",
+    "parse_thousandths_box",
     "to_frame",
 ]
 
@@ -91,6 +92,15 @@ def parse_pixel_box(text: str) -> Box | None:
     if box is None or any(v < 0 for v in box) or box[2] < box[0] or box[3] < box[1]:
         return None
     return box
+
+
+def parse_thousandths_box(text: str) -> Box | None:
+    """The first box in Qwen3-VL's relative coordinates (0 to 1000 of the image's width and height), normalized to
+    [0, 1], or None. Coordinates outside [0, 1000] or a reversed box do not parse."""
+    box = _first_box(text)
+    if box is None or not all(0.0 <= v <= 1000.0 for v in box) or box[2] < box[0] or box[3] < box[1]:
+        return None
+    return box[0] / 1000, box[1] / 1000, box[2] / 1000, box[3] / 1000
 
 
 def _square(width: float, height: float, frame: Frame) -> tuple[float, float, float]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vlmprune.eval.boxes import Box, Frame, parse_normalized_box, parse_pixel_box
+from vlmprune.eval.boxes import Box, Frame, parse_normalized_box, parse_pixel_box, parse_thousandths_box
 
 __all__ = ["GROUNDING_FORMATS", "GroundingFormat", "grounding_format_for", "prompt_family"]
 
@@ -60,8 +60,21 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
         prompt="Locate {expression} in the image and output its bbox coordinates in JSON format.",
         frame="stretch",
         parse=parse_pixel_box,
-        source="Qwen2.5-VL grounding: absolute pixels of the smart-resized input (divide by its width and height)",
+        source=(
+            "Qwen2-VL and Qwen2.5-VL grounding (Qwen2.5-VL cookbook, spatial understanding): bbox_2d in absolute "
+            "pixels of the smart-resized input (divided by its width and height)"
+        ),
         pixels=True,
+    ),
+    "qwen3_vl": GroundingFormat(
+        family="qwen3_vl",
+        prompt="Locate {expression} in the image and output its bbox coordinates in JSON format.",
+        frame="stretch",
+        parse=parse_thousandths_box,
+        source=(
+            "Qwen3-VL grounding (Qwen3-VL cookbook, 2D grounding): bbox_2d in relative coordinates from 0 to 1000 "
+            "of the image's width and height"
+        ),
     ),
 }
 
@@ -76,11 +89,14 @@ def prompt_family(config: Any) -> str:
 
 
 def grounding_format_for(model: Any) -> GroundingFormat:
-    """The format of a model config (see `prompt_family`) or a family name (llava, prismatic, qwen2_vl, qwen2_5_vl).
+    """The format of a model config (see `prompt_family`) or a family name (llava, prismatic, qwen2_vl, qwen2_5_vl,
+    qwen3_vl).
 
     LLaVA's when the family is unknown.
     """
     family = model if isinstance(model, str) else prompt_family(model)
+    if family.startswith("qwen3"):
+        return GROUNDING_FORMATS["qwen3_vl"]
     if family.startswith("qwen2"):
         return GROUNDING_FORMATS["qwen2_vl"]
     return GROUNDING_FORMATS.get(family, GROUNDING_FORMATS["llava"])

@@ -27,6 +27,13 @@ class VisPruner(Method):
     most-duplicated dropped per round). Defaults T=128 of 576 and r=0.5, the paper's main LLaVA-1.5 setting
     (`vqav2.sh 128 0.5`).
 
+    Qwen2-VL, Qwen2.5-VL and Qwen3-VL (towers without [CLS] whose 2x2 patches are merged into one token; not in
+    the official code): the rule the author gives for them (VisPruner issue #1, "apply the same merging operation
+    [as PatchMerger] to the attention"): the mean attention each patch receives from its image's patches at the
+    tower's last layer (Qwen2.5-VL: its last full-attention layer, the windowed ones seeing only a window),
+    averaged over heads and then over each 2x2 merge group; the de-duplication features are the merger's input
+    averaged over each group the same way (`vlmprune.adapters.qwen_vl`).
+
     Pruning happens before the language model (a stage at layer 0): no decoder layer or KV-cache entry is spent
     on a dropped token. The vision tower and the projector still run on every image token, as in the official
     code (which masks the projected features). The kept tokens stay in raster order and, as in the official

@@ -88,13 +88,17 @@ LLAVA_CHAT_TEMPLATE = (
 
 
 def word_level_tokenizer(
-    words: tuple[str, ...], *, added_tokens: tuple[str, ...] = (), model_max_length: int = 4096
+    words: tuple[str, ...],
+    *,
+    added_tokens: tuple[str, ...] = (),
+    model_max_length: int = 4096,
+    named_tokens: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer: ids `SPECIAL_TOKENS`, then `words`, then `added_tokens`.
 
     Lower-cases, splits on whitespace and punctuation, prepends `<s>`, pads on the left (as batched
     generation needs). `added_tokens` are matched whole before that split (e.g. `<b07>`). Unknown words map
-    to `<unk>`.
+    to `<unk>`. `named_tokens` are the tokenizer's named special tokens (default: `image_token` is `<image>`).
     """
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words + added_tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -112,7 +116,7 @@ def word_level_tokenizer(
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if named_tokens is None else named_tokens,
         padding_side="left",
         add_bos_token=True,
         model_max_length=model_max_length,
