@@ -77,7 +77,7 @@ def test_bench_command_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_bench_command_rejects_bad_input(capsys):
-    assert main(["bench", "--shape", "prismatic-7b", "--batch", "1"]) == 2
+    assert main(["bench", "--shape", "llava-next-7b", "--batch", "1"]) == 2
     assert "LLaVA- and Qwen-VL-layout" in capsys.readouterr().err
     assert main(["bench", "--shape", "llava-1.5-13b", "--batch", "1"]) == 2  # 52 GiB of fp32 weights
     assert "needs about" in capsys.readouterr().err
