@@ -39,14 +39,16 @@ class ModelAdapter(ABC):
     # Module lookup -----------------------------------------------------------------------------------------
 
     @property
-    @abstractmethod
     def multimodal_module(self) -> nn.Module:
-        """The module whose forward receives `input_ids` and the images (hooked to find image tokens)."""
+        """The module whose forward receives `input_ids` and the images (hooked to find image tokens).
+
+        transformers 5 puts it at `model.model` in every VLM family vlmprune supports."""
+        return self.model.model
 
     @property
-    @abstractmethod
     def text_model(self) -> nn.Module:
-        """The decoder stack: has `.layers`, `.rotary_emb` and `.config`."""
+        """The decoder stack: has `.layers`, `.rotary_emb` and `.config` (`model.model.language_model`)."""
+        return self.model.model.language_model
 
     @property
     def vision_feature_module(self) -> nn.Module | None:

@@ -48,14 +48,6 @@ class LlavaAdapter(ModelAdapter):
         self.image_token_id = int(config.image_token_id)
 
     @property
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
     def vision_feature_module(self) -> nn.Module:
         return self.model.model.multi_modal_projector
 

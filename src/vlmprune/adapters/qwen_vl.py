@@ -58,14 +58,6 @@ class QwenVLAdapter(ModelAdapter):
         self._image_grid_thw: list[list[int]] = []  # the last prompt's (t, h, w) per image, for undoing windows
 
     @property
-    def multimodal_module(self) -> nn.Module:
-        return self.model.model
-
-    @property
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
-
-    @property
     def _visual(self) -> nn.Module:
         return self.model.model.visual
 
