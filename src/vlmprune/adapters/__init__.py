@@ -6,11 +6,12 @@ from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.adapters.llava import LlavaAdapter
+from vlmprune.adapters.llava_next import LlavaNextAdapter
 from vlmprune.errors import UnsupportedModelError
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "ModelAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter", "get_adapter"]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
