@@ -105,8 +105,8 @@ def test_greedy_generation_equals_masked_reference(family, backend, case):
     model = family.models[backend]
     inputs = family.make_inputs(list(range(family.size)))
     with torch.no_grad(), _prune(model, case) as trace:
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-    expected = reference_greedy(model, inputs, trace, renumber_flags(_method(case), _depth(model)), 6)
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    expected = reference_greedy(model, inputs, trace, renumber_flags(_method(case), _depth(model)), 4)
     assert torch.equal(generated, expected)
 
 
@@ -115,8 +115,8 @@ def test_generation_on_a_static_cache_equals_masked_reference(family, case):
     model = family.models["sdpa"]
     inputs = family.make_inputs(list(range(family.size)))
     with torch.no_grad(), _prune(model, case) as trace:
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    expected = reference_greedy(model, inputs, trace, renumber_flags(_method(case), _depth(model)), 6)
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    expected = reference_greedy(model, inputs, trace, renumber_flags(_method(case), _depth(model)), 4)
     assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], expected)
 
 
@@ -125,11 +125,11 @@ def test_padded_batch_equals_samples_run_alone(family, case):
     model = family.models["sdpa"]
     batch = family.make_inputs(list(range(family.size)))
     with torch.no_grad(), _prune(model, case) as trace:
-        together = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1] :]
         kept_together = [[k.tolist() for k in stage.kept] for stage in trace.stages]
         for b in range(family.size):
             single = family.make_inputs([b])
-            alone = model.generate(**single, max_new_tokens=6, do_sample=False)[:, single["input_ids"].shape[1] :]
+            alone = model.generate(**single, max_new_tokens=4, do_sample=False)[:, single["input_ids"].shape[1] :]
             assert torch.equal(together[b], alone[0]), f"sample {b} differs"
             assert [stage.kept[0].tolist() for stage in trace.stages] == [k[b] for k in kept_together]
 
@@ -145,13 +145,13 @@ def test_pruning_before_the_llm_equals_the_llm_run_on_the_kept_embeddings_alone(
     inputs = family.make_inputs(list(range(family.size)))
     with torch.no_grad(), _prune(model, case) as trace:
         logits = model(**inputs, position_ids=_positions(inputs)).logits
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     rows = trace.output_index
     for b, (columns, reference) in enumerate(pre_llm_logits(model, inputs, trace, renumber)):
         real = rows[b] >= 0
         assert torch.equal(rows[b, real], columns)
         torch.testing.assert_close(logits[b, real], reference, atol=2e-4, rtol=1e-4)
-    for b, tokens in enumerate(pre_llm_greedy(model, inputs, trace, renumber, 6)):
+    for b, tokens in enumerate(pre_llm_greedy(model, inputs, trace, renumber, 4)):
         assert torch.equal(generated[b], tokens), f"sample {b}"
 
 
@@ -161,14 +161,14 @@ def test_keeping_every_token_changes_nothing(family, backend):
     inputs = family.make_inputs(list(range(family.size)))
     with torch.no_grad():
         expected = model(**inputs).logits
-        expected_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        expected_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         for method in (
             vlmprune.build_method("fastv", ratio=0.0),
             vlmprune.build_method("pdrop", layers=(1, 3), keep_fractions=(1.0, 1.0), positions="original"),
         ):
             with vlmprune.prune(model, method) as trace:
                 logits = model(**inputs).logits
-                tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+                tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             assert all(k == n for s in trace.stages for k, n in zip(s.n_kept, s.n_before, strict=True))
             real = inputs["attention_mask"].bool()
             torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)

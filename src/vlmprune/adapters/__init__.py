@@ -7,11 +7,12 @@ from torch import nn
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.adapters.llava import LlavaAdapter
 from vlmprune.adapters.llava_next import LlavaNextAdapter
+from vlmprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmprune.errors import UnsupportedModelError
 
-__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter", "get_adapter"]
+__all__ = ["ADAPTERS", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "ModelAdapter", "get_adapter"]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -199,7 +200,7 @@ class LlavaNextAdapter(LlavaAdapter):
         samples = []
         for b, row in enumerate(table):
             spans = sorted((row[3 * k + 1], row[3 * k + 2], kind) for k, kind in enumerate(items) if row[3 * k])
-            if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)):
+            if any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)):
                 raise UnsupportedModelError(
                     f"sample {b} interleaves images and videos; vlmprune supports a prompt's images all before or "
                     "all after its videos"
@@ -249,7 +250,7 @@ class LlavaNextAdapter(LlavaAdapter):
         features = features[features.shape[0] - crops :]
         reference = features if vision_features is None else vision_features[vision_features.shape[0] - crops :]
         items["image"] = self._with_crops(items["image"], reference, inputs)
-        offsets, start = {}, 0
+        offsets, start = {}, 0  # by object: `_per_sample` hands back these very items
         for kind in ("image", "video"):
             for item in items.get(kind, []):
                 offsets[id(item)] = start
@@ -295,7 +296,9 @@ class LlavaNextAdapter(LlavaAdapter):
                             if start + candidate.crops <= features.shape[0]
                             and torch.allclose(
                                 # `forward`, not a call: the session's capture hook must not see these
-                                self._map_features(candidate, projector.forward(features[start : start + candidate.crops])),
+                                self._map_features(
+                                    candidate, projector.forward(features[start : start + candidate.crops])
+                                ),
                                 target.to(features.dtype),
                                 rtol=1e-3,
                                 atol=1e-4,
@@ -320,7 +323,9 @@ class LlavaNextAdapter(LlavaAdapter):
         for height, width in self.model.config.image_grid_pinpoints:
             crop_rows, crop_cols = height // image_size, width // image_size
             big_rows, big_cols = crop_rows * self.side, crop_cols * self.side
-            cuts = [(0, 0)] + [(p, 0) for p in range(1, big_rows // 2 + 1)] + [(0, p) for p in range(1, big_cols // 2 + 1)]
+            cuts = (
+                [(0, 0)] + [(p, 0) for p in range(1, big_rows // 2 + 1)] + [(0, p) for p in range(1, big_cols // 2 + 1)]
+            )
             for top, left in cuts:
                 unpadded = (top, left, big_rows - 2 * top, big_cols - 2 * left)
                 if self._resized(*unpadded[2:]) == tuple(grid):
@@ -365,8 +370,9 @@ def _walk(items: Sequence[VisualItem], counts: list[int], measure: str) -> list[
             i += 1
         if total != count:
             raise UnsupportedModelError(
-                f"sample {b} has {count} image tokens, which its images' layouts ({', '.join(str(g.grids) for g in group)}) "
-                "do not add up to; are `image_sizes` those the processor returned with these `input_ids`?"
+                f"sample {b} has {count} image tokens, which its images' grids "
+                f"({', '.join(str(item.grids) for item in group)}) do not add up to; are `image_sizes` those the "
+                "processor returned with these `input_ids`?"
             )
         groups.append(group)
     if i != len(items):

@@ -39,7 +39,7 @@ class ModelShape:
         grid: (rows, cols) of one image's token grid, for methods that sample a grid.
         images: images per prompt (LLaVA-NeXT's crops count as images).
         vision: the vision tower, or None to leave it out of the exact count.
-        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "prismatic").
+        family: the model family the layout is ("llava", "llava_next", "llava_onevision", "qwen2_vl", "prismatic").
     """
 
     name: str
@@ -81,6 +81,11 @@ _CLIP_L_336_13B = replace(_CLIP_L_336, projector=((1024, 5120), (5120, 5120)))
 _SIGLIP_SO400M = VisionShape(
     hidden=1152, intermediate=4304, layers=27, tokens=729, projector=((1152, 4096), (4096, 4096))
 )
+# LLaVA-OneVision's SigLIP SO400M at 384 px (27 x 27 patches, no [CLS]; the llava-hf checkpoints keep 26 of its 27
+# layers and take the last one's features) + GELU MLP to Qwen2-7B
+_SIGLIP_SO400M_OV = VisionShape(
+    hidden=1152, intermediate=4304, layers=26, tokens=729, projector=((1152, 3584), (3584, 3584))
+)
 _QWEN25_VIT = VisionShape(
     hidden=1280, intermediate=3420, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
 )
@@ -105,6 +110,22 @@ SHAPES: dict[str, ModelShape] = {
             images=5,
             vision=_CLIP_L_336,
             family="llava_next",
+        ),
+        # Qwen2-7B + SigLIP: anyres_max_9 at 1152x1152, a base crop and 3x3 crops of 729 patches, the 81x81 grid
+        # kept as is (not above 9 crops' worth); newlines (one per row, 81) are not image tokens
+        ModelShape(
+            "llava-onevision-7b",
+            3584,
+            18944,
+            28,
+            28,
+            4,
+            152064,
+            7290,
+            (27, 27),
+            images=10,
+            vision=_SIGLIP_SO400M_OV,
+            family="llava_onevision",
         ),
         # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
         ModelShape(

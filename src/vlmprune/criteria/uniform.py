@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.budget import split_budget
+from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.errors import BudgetError
 from vlmprune.tensors import on_device
 

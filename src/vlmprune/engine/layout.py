@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,6 +144,8 @@ def valid_keys_of(attention_mask: Any, batch: int, length: int, device: torch.de
     is real when the prompt's last query may attend to it (with left or right padding, that query sees every real
     key; the first rows may have been unmasked entirely to keep sdpa from returning NaN).
     """
+    if isinstance(attention_mask, Mapping):  # a mask per attention type (Qwen2's text model): the full one
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):

@@ -84,7 +84,9 @@ class PruningSession:
         self, model: nn.Module, method: Method, adapter: ModelAdapter, budget_scope: BudgetScope = "global"
     ) -> None:
         if budget_scope not in BUDGET_SCOPES:
-            raise VlmpruneError(f"budget_scope must be one of {', '.join(map(repr, BUDGET_SCOPES))}, got {budget_scope!r}")
+            raise VlmpruneError(
+                f"budget_scope must be one of {', '.join(map(repr, BUDGET_SCOPES))}, got {budget_scope!r}"
+            )
         self.model = model
         self.method = method
         self.adapter = adapter
@@ -178,7 +180,9 @@ class PruningSession:
 
     def _captures_features(self) -> bool:
         """Whether the vision features are captured: a criterion reads them, or the adapter maps attention with them."""
-        return self._needs("vision_features") or (self._needs("vision_attention") and self.adapter.attention_needs_features)
+        return self._needs("vision_features") or (
+            self._needs("vision_attention") and self.adapter.attention_needs_features
+        )
 
     def _hook(self, module: nn.Module, fn: Any) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
@@ -489,7 +493,7 @@ class PruningSession:
         batch, q = embeds.shape[:2]
         config, dtype = self.adapter.text_config, embeds.dtype
         attention_mask = kwargs.get("attention_mask")
-        if attention_mask is not None and attention_mask.dim() != 2:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             attention_mask = None  # transformers' 4-D mask (generate with a static cache): new tokens are never padding
         if run.capacity is None:
             past = run.generated

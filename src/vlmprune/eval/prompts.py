@@ -42,6 +42,26 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
             "image itself, so the processor's centre crop never cuts the object off, and maps the box back"
         ),
     ),
+    "llava_next": GroundingFormat(
+        family="llava_next",
+        prompt="Please provide the bounding box coordinate of the region this sentence describes: {expression}",
+        frame="pad",
+        parse=parse_normalized_box,
+        source=(
+            "LLaVA-NeXT's instruction mix keeps LLaVA-1.5's REC data (llava_v1_5_mix665k): [x1, y1, x2, y2] normalized "
+            "to the image padded to a square; vlmprune pads the image itself and maps the box back, as for LLaVA-1.5"
+        ),
+    ),
+    "llava_onevision": GroundingFormat(
+        family="llava_onevision",
+        prompt="Please provide the bounding box coordinate of the region this sentence describes: {expression}",
+        frame="stretch",
+        parse=parse_normalized_box,
+        source=(
+            "lmms-eval's refcoco bbox_rec task, with which LLaVA-OneVision reports grounding: the same question, the "
+            "answer [x1, y1, x2, y2] normalized to the image's own width and height"
+        ),
+    ),
     "prismatic": GroundingFormat(
         family="prismatic",
         prompt='Please provide the bounding box coordinate of the region this sentence describes: "{expression}"',
@@ -61,7 +81,8 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
 
 
 def grounding_format_for(model_type: str) -> GroundingFormat:
-    """The format of a transformers `model_type` (llava, qwen2_vl, qwen2_5_vl); LLaVA's when unknown."""
+    """The format of a transformers `model_type` (llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl); LLaVA's
+    when unknown."""
     if model_type.startswith("qwen2"):
         return GROUNDING_FORMATS["qwen2_vl"]
     return GROUNDING_FORMATS.get(model_type, GROUNDING_FORMATS["llava"])

@@ -2,7 +2,7 @@
 
 `build_tiny_llava_next()`: a CLIP tower (hidden 32, 2 layers, 56 px crops of patch 14: 4x4 patches per crop) with
 any-resolution pinpoints of up to 2x2 crops, and a 6-layer Llama of hidden 64. `build_tiny_llava_onevision()`: the
-same sizes with a SigLIP tower (no [CLS]) and a Qwen2 text model, `anyres_max_1` so that a large crop grid is
+same sizes with a SigLIP tower (no [CLS]) and a Qwen2 text model, `anyres_max_2` so that a large crop grid is
 interpolated down as in the real model's `anyres_max_9`. Processors use the PIL image processors and the word-level
 tokenizer of `vlmprune.testing.llava` (with a `<video>` token for OneVision).
 """
@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
 from vlmprune.testing.llava import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, WORDS, word_level_tokenizer
 
@@ -67,7 +68,12 @@ def _text_kwargs(tokenizer: PreTrainedTokenizerFast, layers: int) -> dict:
 
 def _vision_kwargs() -> dict:
     return dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=CROP, patch_size=PATCH
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=CROP,
+        patch_size=PATCH,
     )
 
 
@@ -87,7 +93,7 @@ def tiny_llava_next_config(text_layers: int = 6) -> LlavaNextConfig:
 
 
 def tiny_llava_onevision_config(text_layers: int = 6) -> LlavaOnevisionConfig:
-    """A `LlavaOnevisionConfig`: SigLIP features of the last layer (no [CLS]), a Qwen2 text model, `anyres_max_1`."""
+    """A `LlavaOnevisionConfig`: SigLIP features of the last layer (no [CLS]), a Qwen2 text model, `anyres_max_2`."""
     tokenizer = _tokenizer(video=True)
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(**_vision_kwargs()),
@@ -97,7 +103,7 @@ def tiny_llava_onevision_config(text_layers: int = 6) -> LlavaOnevisionConfig:
         image_grid_pinpoints=PINPOINTS,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
-        vision_aspect_ratio="anyres_max_1",
+        vision_aspect_ratio="anyres_max_2",
     )
     config.pad_token_id = tokenizer.pad_token_id
     return config
@@ -120,9 +126,7 @@ def build_tiny_llava_next(
     config: LlavaNextConfig | None = None, *, attn_implementation: str = "sdpa", seed: int = 0
 ) -> LlavaNextForConditionalGeneration:
     """A random-weight tiny `LlavaNextForConditionalGeneration` in eval mode; one `seed`, one set of weights."""
-    return _init(
-        LlavaNextForConditionalGeneration, config or tiny_llava_next_config(), seed, attn_implementation
-    )
+    return _init(LlavaNextForConditionalGeneration, config or tiny_llava_next_config(), seed, attn_implementation)
 
 
 def build_tiny_llava_onevision(
@@ -149,17 +153,29 @@ def build_tiny_llava_next_processor() -> LlavaNextProcessor:
     )
 
 
+class _OnevisionProcessor(LlavaOnevisionProcessor):
+    """`LlavaOnevisionProcessor`, whose video processor's class check needs torchvision (transformers 5.x exports
+    `BaseVideoProcessor` only with it): that one check is skipped; images are processed as the parent does."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor":
+            return type(argument)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
 def build_tiny_llava_onevision_processor() -> LlavaOnevisionProcessor:
-    """A `LlavaOnevisionProcessor` for `build_tiny_llava_onevision` (no video processor: torchvision is not needed)."""
+    """A `LlavaOnevisionProcessor` for `build_tiny_llava_onevision` (PIL image processor; its video processor needs
+    torchvision to process videos, which the tests build by hand)."""
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS
     )
-    return LlavaOnevisionProcessor(
+    return _OnevisionProcessor(
         image_processor=image_processor,
         tokenizer=_tokenizer(video=True),
+        video_processor=LlavaOnevisionVideoProcessor(size={"height": CROP, "width": CROP}),
         num_image_tokens=(CROP // PATCH) ** 2,
         vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_1",
+        vision_aspect_ratio="anyres_max_2",
         chat_template=LLAVA_CHAT_TEMPLATE,
         video_token=VIDEO_TOKEN,
     )
