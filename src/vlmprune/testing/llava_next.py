@@ -26,7 +26,6 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
 from vlmprune.testing.llava import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, WORDS, word_level_tokenizer
@@ -163,12 +162,40 @@ class _OnevisionProcessor(LlavaOnevisionProcessor):
         return super().check_argument_for_proper_class(argument_name, argument)
 
 
+class _OnevisionImagesOnNextProcessor(LlavaNextImageProcessorPil):
+    """LLaVA-NeXT's PIL image processor with OneVision's `batch_num_images` (images per sample), for transformers
+    releases whose OneVision PIL image processor imports torchvision (5.4). The pixels differ from OneVision's (a
+    shortest-edge resize and centre crop for the base crop); the crops, `image_sizes` and so the token layout do
+    not."""
+
+    model_input_names = ["pixel_values", "image_sizes", "batch_num_images"]
+
+    def preprocess(self, images, *args, **kwargs):
+        if isinstance(images, list | tuple) and images and isinstance(images[0], list | tuple):
+            per_sample = [len(group) for group in images]
+        else:
+            per_sample = [1] * (len(images) if isinstance(images, list | tuple) else 1)
+        out = super().preprocess(images, *args, **kwargs)
+        out["batch_num_images"] = torch.tensor(per_sample)
+        return out
+
+
+def _onevision_image_processor():
+    try:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+    except ImportError:  # transformers 5.4: that module imports the torchvision processor's
+        return _OnevisionImagesOnNextProcessor(
+            size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS
+        )
+    return LlavaOnevisionImageProcessorPil(size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS)
+
+
 def build_tiny_llava_onevision_processor() -> LlavaOnevisionProcessor:
     """A `LlavaOnevisionProcessor` for `build_tiny_llava_onevision` (PIL image processor; its video processor needs
     torchvision to process videos, which the tests build by hand)."""
-    image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS
-    )
+    image_processor = _onevision_image_processor()
     return _OnevisionProcessor(
         image_processor=image_processor,
         tokenizer=_tokenizer(video=True),
