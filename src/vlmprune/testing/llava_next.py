@@ -10,6 +10,7 @@ tokenizer of `vlmprune.testing.llava` (with a `<video>` token for OneVision).
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 from transformers import (
@@ -168,7 +169,7 @@ class _OnevisionImagesOnNextProcessor(LlavaNextImageProcessorPil):
     shortest-edge resize and centre crop for the base crop); the crops, `image_sizes` and so the token layout do
     not."""
 
-    model_input_names = ["pixel_values", "image_sizes", "batch_num_images"]
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "image_sizes", "batch_num_images"]
 
     def preprocess(self, images, *args, **kwargs):
         if isinstance(images, list | tuple) and images and isinstance(images[0], list | tuple):
