@@ -126,3 +126,21 @@ def test_an_unknown_budget_scope_is_refused(family):
         vlmprune.prune(family.models["sdpa"], method, budget_scope="per_crop"),
     ):
         pass
+
+
+@pytest.mark.parametrize("shape", ["llava-next-tiny", "llava-onevision-tiny"])
+def test_bench_and_flops_cover_the_any_resolution_families(shape, tmp_path, capsys):
+    from vlmprune.cli.main import main
+
+    out = tmp_path / "bench"
+    argv = ["bench", "--shape", shape, "--methods", "fastv", "--batch", "1", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--new-tokens", "2", "--no-original-fastv", "--out", str(out)]) == 0
+    assert "| fastv | 1 |" in capsys.readouterr().out
+    assert main(["flops", "--model", shape.replace("tiny", "7b"), "--method", "vispruner"]) == 0
+
+
+def test_grounding_formats_name_each_family():
+    from vlmprune.eval.prompts import grounding_format_for
+
+    assert grounding_format_for("llava_next").frame == "pad"
+    assert grounding_format_for("llava_onevision").frame == "stretch"

@@ -23,14 +23,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure speed-ups of methods against the unpruned model",
         description=(
-            "Build a random-weight LLaVA of a named shape (no download), then time the unpruned model and each "
-            "method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
-            "decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured prefill "
-            "speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
-            "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the "
-            "scoring layer) is timed beside vlmprune's FastV on the same selection, and FastV keeping every token "
-            "at the first method's first layer shows the engine's own overhead. Stages are timed with CUDA events, "
-            "so nothing waits for the GPU inside a timed prefill."
+            "Build a random-weight LLaVA (1.5, NeXT or OneVision) of a named shape (no download), then time the "
+            "unpruned model and each method on the same prompt, interleaved after a warm-up: prefill latency (time to"
+            " first token), decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured "
+            "prefill speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
+            "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the scoring "
+            "layer) is timed beside vlmprune's FastV on the same selection, and FastV keeping every token at the "
+            "first method's first layer shows the engine's own overhead. Stages are timed with CUDA events, so "
+            "nothing waits for the GPU inside a timed prefill."
         ),
     )
     parser.add_argument(
@@ -73,13 +73,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def check(args: argparse.Namespace) -> None:
     """Every method with its `--param`s, and a shape bench can build (LLaVA layout), before any model is built."""
     from vlmprune.cost import get_shape
-    from vlmprune.testing import llava_config_for_shape
 
     _variants(args)
     try:
-        llava_config_for_shape(get_shape(args.shape))
+        _setup(get_shape(args.shape))
     except ValueError as error:
         raise CommandError(f"--shape {args.shape}: bench builds LLaVA-layout models: {error}") from None
+
+
+def _setup(shape) -> tuple:
+    """(model class, config, processor, image side in pixels) of a random-weight model of `shape`'s family."""
+    if shape.family in ("llava_next", "llava_onevision"):
+        from vlmprune.testing.llava_next import anyres_setup_for_shape
+
+        return anyres_setup_for_shape(shape)
+    from transformers import LlavaForConditionalGeneration
+
+    from vlmprune.testing import build_tiny_processor, llava_config_for_shape
+
+    side = shape.grid[0] * 14
+    config = llava_config_for_shape(shape)
+    return LlavaForConditionalGeneration, config, build_tiny_processor(image_size=side, patch_size=14), side
 
 
 def _variants(args: argparse.Namespace) -> list:
@@ -108,11 +122,11 @@ def _build(args: argparse.Namespace, batch: int):
     from PIL import Image
 
     from vlmprune.cost import get_shape
-    from vlmprune.testing import WORDS, build_tiny_processor, llava_config_for_shape
+    from vlmprune.testing import WORDS
 
     shape = get_shape(args.shape)
     try:
-        config = llava_config_for_shape(shape)
+        model_class, config, processor, side = _setup(shape)
     except ValueError as error:
         raise CommandError(f"bench builds LLaVA-layout models: {error}") from None
     try:
@@ -127,15 +141,11 @@ def _build(args: argparse.Namespace, batch: int):
             f"{shape.name} in {args.dtype} needs about {needed / 2**30:.1f} GiB of weights, but {args.device} has "
             f"{available / 2**30:.1f} GiB; use a smaller shape (e.g. llava-cpu-mid) or another device"
         )
-    from transformers import LlavaForConditionalGeneration
-
     dtype = getattr(torch, DTYPES[args.dtype])
     with torch.device(device):
         torch.manual_seed(0)
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=args.attn, dtype=dtype)
+        model = model_class._from_config(config, attn_implementation=args.attn, dtype=dtype)
     model.eval()
-    side = shape.grid[0] * 14
-    processor = build_tiny_processor(image_size=side, patch_size=14)
     question = " ".join(WORDS[i % len(WORDS)] for i in range(args.text_words))
     image = Image.new("RGB", (side, side), (120, 80, 200))
     inputs = processor(
