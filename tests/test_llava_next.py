@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -94,6 +96,8 @@ def test_vision_features_follow_the_models_own_packing(family):
     split = adapter.split_vision_features(features, counts, inputs)
     for got, want in zip(split, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+        return  # transformers before pre-encoded generation
     # as newer `generate` calls the forward: images encoded first, no image_sizes; the layout is read from them
     with torch.no_grad():
         encoded = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)

@@ -7,6 +7,7 @@ videos are random frames and their placeholders are spliced into the processor's
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_vision_features_follow_the_models_own_packing_and_pooling(family):
     expected = [packed[0], pooled[0], torch.cat([packed[1], pooled[1]])]
     for got, want in zip(adapter.split_vision_features(features, counts, inputs), expected, strict=True):
         torch.testing.assert_close(got, want)
+    if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+        return  # transformers before pre-encoded generation
     # as newer `generate` calls the forward: images and videos encoded first, neither pixels nor sizes given
     with torch.no_grad():
         encoded = {

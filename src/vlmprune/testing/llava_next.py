@@ -141,6 +141,12 @@ def _init(model_class, config, seed: int, attn_implementation: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class._from_config(config, attn_implementation=attn_implementation)
+    # Placeholder ids are never generated (their output rows are zero, below any real token's top logit): a reference
+    # that re-reads its own answer would take a generated `<image>` for an image.
+    with torch.no_grad():
+        for token in (config.image_token_id, getattr(config, "video_token_id", None)):
+            if token is not None:
+                model.lm_head.weight[token] = 0
     generation = model.generation_config
     generation.bos_token_id = config.text_config.bos_token_id
     generation.eos_token_id = config.text_config.eos_token_id
