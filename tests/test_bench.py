@@ -76,9 +76,19 @@ def test_bench_command_writes_json_and_markdown(tmp_path, capsys):
     assert "prefill speed-up" in capsys.readouterr().out
 
 
+def test_bench_refuses_a_layout_it_cannot_build():
+    import dataclasses
+
+    from vlmprune.cli.bench import _setup
+    from vlmprune.cost import get_shape
+    from vlmprune.cli._common import CommandError
+
+    three_crops = dataclasses.replace(get_shape("llava-next-tiny"), name="three-crops", images=3)  # not k x k crops
+    with pytest.raises(CommandError, match="three-crops: bench builds LLaVA- and Qwen-VL-layout models"):
+        _setup(three_crops)
+
+
 def test_bench_command_rejects_bad_input(capsys):
-    assert main(["bench", "--shape", "llava-next-7b", "--batch", "1"]) == 2
-    assert "LLaVA- and Qwen-VL-layout" in capsys.readouterr().err
     assert main(["bench", "--shape", "llava-1.5-13b", "--batch", "1"]) == 2  # 52 GiB of fp32 weights
     assert "needs about" in capsys.readouterr().err
     assert main(["bench", "--shape", "llava-tiny", "--param", "ratio=0.5"]) == 2

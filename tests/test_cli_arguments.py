@@ -81,7 +81,6 @@ BAD = [
     (["bench", "--methods", "fastv", "--param", "fastv.ratio=2"], "ratio"),
     (["bench", "--out", "{file}"], "argument --out: {file} is a file, not a directory"),
     (["bench", "--out", "{file}/sub"], "argument --out: cannot create {file}/sub: {file} is a file"),
-    (["bench", "--shape", "llava-next-7b"], "--shape llava-next-7b: bench builds LLaVA- and Qwen-VL-layout models"),
     # eval
     ([*EVAL, "--limit", "-3"], "argument --limit: must be >= 1, got -3"),
     ([*EVAL, "--limit", "0"], "argument --limit: must be >= 1, got 0"),

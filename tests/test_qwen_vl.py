@@ -338,7 +338,7 @@ def test_vision_attention_is_per_image_and_in_token_order(family):
                 counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
                 pooled = adapter._visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
                 adapter.image_grids([sum(counts)], inputs)  # the adapter learns the prompt's grids
-                attention = adapter.split_vision_features(captured["attention"].unsqueeze(-1), [sum(counts)])[0]
+                attention = adapter.split_vision_features(captured["attention"].unsqueeze(-1), [sum(counts)], inputs)[0]
                 per_image.append(list(torch.split(attention.squeeze(-1), counts)))
                 merged = adapter.vision_feature_module(captured["merger_input"])
                 torch.testing.assert_close(adapter._token_order(merged), pooled)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from vlmprune.errors import BudgetError
 
-__all__ = ["ROUNDINGS", "Keep", "Rounding", "round_budget"]
+__all__ = ["ROUNDINGS", "Keep", "Rounding", "round_budget", "split_budget"]
 
 Rounding = Literal["int", "round", "floor"]
 ROUNDINGS: tuple[str, ...] = ("int", "round", "floor")
@@ -33,6 +33,19 @@ def round_budget(x: float, rounding: Rounding) -> int:
     if rounding == "floor":
         return math.floor(x + _EPS)
     raise BudgetError(f"rounding must be one of {', '.join(map(repr, ROUNDINGS))}, got {rounding!r}")
+
+
+def split_budget(budget: int, counts: list[int]) -> list[int]:
+    """`budget` split over parts in proportion to `counts` (Hamilton's largest remainder; ties to the earlier part)."""
+    total = sum(counts)
+    if total == 0:
+        return [0] * len(counts)
+    shares = [budget * c // total for c in counts]
+    remainders = [budget * c % total for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-remainders[i], i))
+    for i in order[: budget - sum(shares)]:
+        shares[i] += 1
+    return shares
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,16 @@ from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.adapters.llava import LlavaAdapter
+from vlmprune.adapters.llava_next import LlavaNextAdapter
+from vlmprune.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmprune.adapters.qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 from vlmprune.errors import UnsupportedModelError
 
 __all__ = [
     "ADAPTERS",
     "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
     "ModelAdapter",
     "Qwen2VLAdapter",
     "Qwen2_5_VLAdapter",
@@ -19,7 +23,14 @@ __all__ = [
     "get_adapter",
 ]
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+)
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -28,6 +28,8 @@ class ModelAdapter(ABC):
     computes_positions: ClassVar[bool] = False
     #: the multimodal forward's arguments that carry images: a call with one is a new prompt, never a decode step
     image_arguments: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: whether `split_vision_features` needs the vision features to split the vision-encoder attention
+    attention_needs_features: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -109,8 +111,20 @@ class ModelAdapter(ABC):
         their rows x cols sum to its count.
         """
 
-    def split_vision_features(self, features: torch.Tensor, n_image_tokens: list[int]) -> list[torch.Tensor]:
-        """Per sample, (N_b, channels) vision features in image-token order, from what the vision module got."""
+    def split_vision_features(
+        self,
+        features: torch.Tensor,
+        n_image_tokens: list[int],
+        inputs: Mapping[str, Any],
+        vision_features: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Per sample, (N_b, channels) vision features in image-token order, from what the vision module got.
+
+        `features` (crops, tokens per crop, channels) are the vision feature module's inputs of the forward, its
+        calls stacked on the first axis in call order; `inputs` as for `image_token_mask`. The vision-encoder
+        attention (crops, tokens per crop) is split the same way, as one channel, with the vision features given
+        as `vision_features` to adapters that map with them (`attention_needs_features`).
+        """
         flat = features.reshape(-1, features.shape[-1])
         return list(torch.split(flat, n_image_tokens))
 

@@ -156,7 +156,13 @@ class QwenVLAdapter(ModelAdapter):
             queries = (bounds[1:] - bounds[:-1])[image_of]  # each patch's image's patch count
             return (received / queries).mean(dim=0)
 
-    def split_vision_features(self, features: torch.Tensor, n_image_tokens: list[int]) -> list[torch.Tensor]:
+    def split_vision_features(
+        self,
+        features: torch.Tensor,
+        n_image_tokens: list[int],
+        inputs: Mapping[str, Any],
+        vision_features: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """Per sample, (N_b, channels): the per-patch rows averaged over each 2x2 merge group, in token order."""
         patches = features.reshape(-1, features.shape[-1])
         merged = patches.view(-1, self.merge**2, patches.shape[-1]).mean(dim=1)

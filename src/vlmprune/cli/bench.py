@@ -23,14 +23,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure speed-ups of methods against the unpruned model",
         description=(
-            "Build a random-weight LLaVA or Qwen-VL of a named shape (no download), then time the unpruned model "
-            "and each method on the same prompt, interleaved after a warm-up: prefill latency (time to first token), "
-            "decode throughput, end-to-end latency, peak GPU memory and KV-cache size; the measured prefill "
-            "speed-up is printed next to the ideal one (exact FLOPs of what the run kept) and the share of "
-            "prefill spent choosing tokens. The original FastV (eager attention, whole attention map at the "
-            "scoring layer) is timed beside vlmprune's FastV on the same selection, and FastV keeping every token "
-            "at the first method's first layer shows the engine's own overhead. Stages are timed with CUDA events, "
-            "so nothing waits for the GPU inside a timed prefill."
+            "Build a random-weight LLaVA (1.5, NeXT or OneVision) or Qwen-VL of a named shape (no download), then "
+            "time the unpruned model and each method on the same prompt, interleaved after a warm-up: prefill "
+            "latency (time to first token), decode throughput, end-to-end latency, peak GPU memory and KV-cache "
+            "size; the measured prefill speed-up is printed next to the ideal one (exact FLOPs of what the run kept) "
+            "and the share of prefill spent choosing tokens. The original FastV (eager attention, whole attention "
+            "map at the scoring layer) is timed beside vlmprune's FastV on the same selection, and FastV keeping "
+            "every token at the first method's first layer shows the engine's own overhead. Stages are timed with "
+            "CUDA events, so nothing waits for the GPU inside a timed prefill."
         ),
     )
     parser.add_argument(
@@ -76,16 +76,44 @@ def check(args: argparse.Namespace) -> None:
     from vlmprune.cost import get_shape
 
     _variants(args)
-    _config_for_shape(get_shape(args.shape))
+    _setup(get_shape(args.shape))
 
 
-def _config_for_shape(shape):
-    """The random-weight model's config for `shape`: a LLaVA or a Qwen-VL layout."""
-    from vlmprune.testing import llava_config_for_shape
-    from vlmprune.testing.qwen_vl import SHAPE_FAMILIES, qwen_vl_config_for_shape
+def _setup(shape, question: str = "") -> tuple:
+    """(model class, config, processor, image, prompt) of a random-weight model of `shape`'s family whose one image
+    gives `shape`'s image tokens, asking `question`: a LLaVA (1.5, NeXT or OneVision) or a Qwen-VL layout."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
 
+    from vlmprune.testing import build_tiny_processor, llava_config_for_shape
+    from vlmprune.testing.llava_next import anyres_setup_for_shape
+    from vlmprune.testing.qwen_vl import (
+        SHAPE_FAMILIES,
+        build_tiny_qwen_processor,
+        image_side,
+        qwen_vl_config_for_shape,
+        qwen_vl_model_class,
+    )
+
+    colour = (120, 80, 200)
+    llava_prompt = f"USER: <image>\n{question} ASSISTANT:"
     try:
-        return qwen_vl_config_for_shape(shape) if shape.family in SHAPE_FAMILIES else llava_config_for_shape(shape)
+        if shape.family in SHAPE_FAMILIES:
+            family = SHAPE_FAMILIES[shape.family]
+            config = qwen_vl_config_for_shape(shape)
+            height, width = image_side(family, shape.grid)
+            processor = build_tiny_qwen_processor(family, min_side=min(height, width), max_side=max(height, width))
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+            text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+            image = Image.new("RGB", (width, height), colour)
+            return qwen_vl_model_class(family), config, processor, image, text
+        if shape.family in ("llava_next", "llava_onevision"):
+            model_class, config, processor, side = anyres_setup_for_shape(shape)
+            return model_class, config, processor, Image.new("RGB", (side, side), colour), llava_prompt
+        side = shape.grid[0] * 14
+        config = llava_config_for_shape(shape)
+        processor = build_tiny_processor(image_size=side, patch_size=14)
+        return LlavaForConditionalGeneration, config, processor, Image.new("RGB", (side, side), colour), llava_prompt
     except ValueError as error:
         raise CommandError(f"--shape {shape.name}: bench builds LLaVA- and Qwen-VL-layout models: {error}") from None
 
@@ -118,7 +146,8 @@ def _build(args: argparse.Namespace, batch: int):
     from vlmprune.testing import WORDS
 
     shape = get_shape(args.shape)
-    config = _config_for_shape(shape)
+    question = " ".join(WORDS[i % len(WORDS)] for i in range(args.text_words))
+    model_class, config, processor, image, text = _setup(shape, question)
     try:
         device = torch.device(args.device)
         torch.empty(0, device=device)
@@ -134,44 +163,12 @@ def _build(args: argparse.Namespace, batch: int):
     dtype = getattr(torch, DTYPES[args.dtype])
     with torch.device(device):
         torch.manual_seed(0)
-        model = _model_class(shape)._from_config(config, attn_implementation=args.attn, dtype=dtype)
+        model = model_class._from_config(config, attn_implementation=args.attn, dtype=dtype)
     model.eval()
-    question = " ".join(WORDS[i % len(WORDS)] for i in range(args.text_words))
-    processor, image, text = _prompt(shape, question)
     inputs = processor(images=[image] * batch, text=[text] * batch, return_tensors="pt")
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return model, inputs, shape
-
-
-def _model_class(shape) -> type:
-    import transformers
-
-    from vlmprune.testing.qwen_vl import SHAPE_FAMILIES, qwen_vl_model_class
-
-    if shape.family in SHAPE_FAMILIES:
-        return qwen_vl_model_class(SHAPE_FAMILIES[shape.family])
-    return transformers.LlavaForConditionalGeneration
-
-
-def _prompt(shape, question: str):
-    """(processor, image, prompt text) of one image whose token grid is `shape.grid`, and `question`."""
-    from PIL import Image
-
-    from vlmprune.testing import build_tiny_processor
-    from vlmprune.testing.qwen_vl import SHAPE_FAMILIES, build_tiny_qwen_processor, image_side
-
-    colour = (120, 80, 200)
-    if shape.family not in SHAPE_FAMILIES:
-        side = shape.grid[0] * 14
-        image = Image.new("RGB", (side, side), colour)
-        return build_tiny_processor(image_size=side, patch_size=14), image, f"USER: <image>\n{question} ASSISTANT:"
-    family = SHAPE_FAMILIES[shape.family]
-    height, width = image_side(family, shape.grid)
-    processor = build_tiny_qwen_processor(family, min_side=min(height, width), max_side=max(height, width))
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return processor, Image.new("RGB", (width, height), colour), text
 
 
 def _compile_options(args: argparse.Namespace) -> dict | None:

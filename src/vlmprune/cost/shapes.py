@@ -39,8 +39,8 @@ class ModelShape:
         grid: (rows, cols) of one image's token grid, for methods that sample a grid.
         images: images per prompt (LLaVA-NeXT's crops count as images).
         vision: the vision tower, or None to leave it out of the exact count.
-        family: the model family the layout is ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-            "prismatic"): the transformers model_type.
+        family: the model family the layout is ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
+            "qwen3_vl", "prismatic"): the transformers model_type.
     """
 
     name: str
@@ -82,6 +82,11 @@ _CLIP_L_336_13B = replace(_CLIP_L_336, projector=((1024, 5120), (5120, 5120)))
 _SIGLIP_SO400M = VisionShape(
     hidden=1152, intermediate=4304, layers=27, tokens=729, projector=((1152, 4096), (4096, 4096))
 )
+# LLaVA-OneVision's SigLIP SO400M at 384 px (27 x 27 patches, no [CLS]; the llava-hf checkpoints keep 26 of its 27
+# layers and take the last one's features) + GELU MLP to Qwen2-7B
+_SIGLIP_SO400M_OV = VisionShape(
+    hidden=1152, intermediate=4304, layers=26, tokens=729, projector=((1152, 3584), (3584, 3584))
+)
 _QWEN25_VIT = VisionShape(
     hidden=1280, intermediate=3420, layers=32, tokens=4096, projector=((5120, 5120), (5120, 3584))
 )
@@ -118,6 +123,22 @@ SHAPES: dict[str, ModelShape] = {
         ),
         # Qwen2-7B + its ViT (2x2 patch merger); 1024 tokens is a 896x896 image
         ModelShape("qwen2-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN2_VIT, family="qwen2_vl"),
+        # Qwen2-7B + SigLIP: anyres_max_9 at 1152x1152, a base crop and 3x3 crops of 729 patches, the 81x81 grid
+        # kept as is (not above 9 crops' worth); newlines (one per row, 81) are not image tokens
+        ModelShape(
+            "llava-onevision-7b",
+            3584,
+            18944,
+            28,
+            28,
+            4,
+            152064,
+            7290,
+            (27, 27),
+            images=10,
+            vision=_SIGLIP_SO400M_OV,
+            family="llava_onevision",
+        ),
         # Qwen2.5-7B + its ViT (window attention, 2x2 patch merger); 1024 tokens is a 896x896 image
         ModelShape(
             "qwen2.5-vl-7b", 3584, 18944, 28, 28, 4, 152064, 1024, (32, 32), vision=_QWEN25_VIT, family="qwen2_5_vl"
@@ -158,6 +179,35 @@ SHAPES: dict[str, ModelShape] = {
             144,
             (12, 12),
             vision=VisionShape(64, 256, 1, 145, ((64, 128), (128, 128))),
+        ),
+        # smoke-test LLaVA-NeXT and OneVision (6 layers, 4 x 4 patches a crop, a base image and 2 x 2 crops)
+        ModelShape(
+            "llava-next-tiny",
+            64,
+            128,
+            6,
+            4,
+            2,
+            229,
+            80,
+            (4, 4),
+            images=5,
+            vision=VisionShape(32, 64, 1, 17, ((32, 64), (64, 64))),
+            family="llava_next",
+        ),
+        ModelShape(
+            "llava-onevision-tiny",
+            64,
+            128,
+            6,
+            4,
+            2,
+            229,
+            80,
+            (4, 4),
+            images=5,
+            vision=VisionShape(32, 64, 2, 16, ((32, 64), (64, 64))),
+            family="llava_onevision",
         ),
         # the CPU benchmark's LLaVA-1.5 layout (576 tokens, 32 layers) with a narrow LLM and a tiny tower
         ModelShape(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmprune.budget import split_budget
 from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.errors import BudgetError
 from vlmprune.tensors import on_device
@@ -79,7 +80,7 @@ class Uniform(Criterion):
             offsets = [sum(r * c for r, c in grids[:i]) for i in range(len(grids))]
             images = list(zip(offsets, grids, strict=True))
             masks = [present[off : off + r * c].view(r, c) for off, (r, c) in images]
-            shares = _largest_remainder(budget, [int(m.sum()) for m in masks])
+            shares = split_budget(budget, [int(m.sum()) for m in masks])
             parts = [off + _spread(m, k) for (off, _), m, k in zip(images, masks, shares, strict=True)]
             keep[b, torch.searchsorted(ids, torch.cat([ids[:0], *parts]))] = True
         return keep
@@ -116,16 +117,3 @@ def _spread(present: torch.Tensor, k: int) -> torch.Tensor:
             picks = [((2 * j + 1) * m) // (2 * k) for j in range(k)]
             return cells[torch.tensor(picks, device=present.device)]
     raise BudgetError(f"cannot keep {k} cells of an image with {int(present.sum())} present")
-
-
-def _largest_remainder(budget: int, counts: list[int]) -> list[int]:
-    """Split `budget` over images in proportion to `counts` (Hamilton's method; ties to the earlier image)."""
-    total = sum(counts)
-    if total == 0:
-        return [0] * len(counts)
-    shares = [budget * c // total for c in counts]
-    remainders = [budget * c % total for c in counts]
-    order = sorted(range(len(counts)), key=lambda i: (-remainders[i], i))
-    for i in order[: budget - sum(shares)]:
-        shares[i] += 1
-    return shares

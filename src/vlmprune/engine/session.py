@@ -13,6 +13,7 @@ from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
 from vlmprune.criteria.base import SelectionContext
+from vlmprune.criteria.scope import BUDGET_SCOPES, BudgetScope, select_per_image
 from vlmprune.engine.compat import (
     LAYER_ARGUMENTS,
     MULTIMODAL_ARGUMENTS,
@@ -52,6 +53,7 @@ class _Prefill:
     layouts: list[Layout]  # layouts[0] is the original sequence, layouts[s + 1] the one after stage s
     image_grids: list[list[tuple[int, int]]]
     n_image: list[int]
+    inputs: Mapping[str, Any]  # the multimodal forward's keyword arguments (the adapter maps features with them)
     length: int  # L, the prefill sequence length
     cache: Any
     full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -89,13 +91,24 @@ class PruningSession:
     mask over their own (pruned) cache and, with renumbered positions, shifted positions.
     """
 
-    def __init__(self, model: nn.Module, method: Method, adapter: ModelAdapter) -> None:
+    def __init__(
+        self, model: nn.Module, method: Method, adapter: ModelAdapter, budget_scope: BudgetScope = "global"
+    ) -> None:
+        if budget_scope not in BUDGET_SCOPES:
+            raise VlmpruneError(
+                f"budget_scope must be one of {', '.join(map(repr, BUDGET_SCOPES))}, got {budget_scope!r}"
+            )
         self.model = model
         self.method = method
         self.adapter = adapter
+        self.budget_scope = budget_scope
         self.stages: list[Stage] = method.stages()
         self.trace = Trace(
-            method={"name": getattr(method, "name", type(method).__name__), "params": method.parameters()}
+            method={
+                "name": getattr(method, "name", type(method).__name__),
+                "params": method.parameters(),
+                "budget_scope": budget_scope,
+            }
         )
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[str, Any] = {}  # the multimodal forward's keyword arguments, `input_ids` among them
@@ -129,7 +142,7 @@ class PruningSession:
                     f"{type(self.method).__name__} prunes before layer {stage.layer}, but the language model "
                     f"has {depth} layers (valid: 0 to {depth - 1})"
                 )
-        if self._needs("vision_features") and self.adapter.vision_feature_module is None:
+        if self._captures_features() and self.adapter.vision_feature_module is None:
             raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
         if self._needs("vision_attention") and self.adapter.vision_attention_layer is None:
             raise VlmpruneError(
@@ -151,7 +164,7 @@ class PruningSession:
             self._hook(adapter.multimodal_module, self._on_multimodal)
             self._hook(adapter.text_model, self._on_text_model)
             self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
-            if self._needs("vision_features"):
+            if self._captures_features():
                 self._hook(adapter.vision_feature_module, self._on_vision_features)
             if self._needs("vision_attention"):
                 self._hook(adapter.vision_attention_layer, self._on_vision_attention)
@@ -178,6 +191,12 @@ class PruningSession:
     def _needs(self, capture: str) -> bool:
         return any(capture in s.criterion.requires for s in self.stages)
 
+    def _captures_features(self) -> bool:
+        """Whether the vision features are captured: a criterion reads them, or the adapter maps attention with them."""
+        return self._needs("vision_features") or (
+            self._needs("vision_attention") and self.adapter.attention_needs_features
+        )
+
     def _hook(self, module: nn.Module, fn: Any) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
 
@@ -187,16 +206,15 @@ class PruningSession:
         self._inputs = {**kwargs, "input_ids": kwargs.get("input_ids", args[0] if args else None)}
         self._new_images = self.adapter.has_images(kwargs)
 
-    # A prompt's first tower run is its images' (a video's run follows, e.g. Qwen-VL): only it is kept, until the
-    # prefill takes it.
     def _on_vision_features(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._vision_features is None:
-            self._vision_features = args[0] if args else next(iter(kwargs.values()))
+        # A prompt may be encoded in several calls (LLaVA-OneVision: its images, then its videos; newer `generate`
+        # encodes before the forward): calls are stacked on the first axis (crops or frames), in call order, until
+        # the prefill takes them, for the adapter to split.
+        self._vision_features = _stacked(self._vision_features, args[0] if args else next(iter(kwargs.values())))
 
     def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._vision_attention is None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._vision_attention = self.adapter.vision_attention(module, hidden, kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._vision_attention = _stacked(self._vision_attention, self.adapter.vision_attention(module, hidden, kwargs))
 
     def _on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
@@ -304,6 +322,7 @@ class PruningSession:
         run.probes.clear()
         run.vision_features = run.vision_attention = None
         run.additions, run.addition_row = [], None  # added once, in the prefill
+        run.inputs = {}
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
             run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
@@ -352,6 +371,7 @@ class PruningSession:
             layouts=[original],
             image_grids=image_grids,
             n_image=n_image,
+            inputs=inputs,
             length=length,
             cache=cache,
             vision_features=self._vision_features,
@@ -383,8 +403,12 @@ class PruningSession:
             hidden_states_fn=lambda: gather_rows(hidden, image_cols),
             vision_attention_fn=self._vision_attention_of(run) if run.vision_attention is not None else None,
         )
-        keep = stage.criterion.select(ctx, budgets) & present
-        n_kept = stage.criterion.counts(ctx, budgets)
+        if self.budget_scope == "per_image":
+            keep, n_kept = select_per_image(stage.criterion, ctx, budgets)
+            keep &= present
+        else:
+            keep = stage.criterion.select(ctx, budgets) & present
+            n_kept = stage.criterion.counts(ctx, budgets)
         if n_kept is None:
             n_kept = keep.sum(dim=1).tolist()
         new, index = self._reduced_layout(layout, image_cols, keep, n_kept, stage, hidden)
@@ -474,14 +498,15 @@ class PruningSession:
 
     def _vision_features_of(self, run: _Prefill) -> Any:
         def features() -> list[torch.Tensor]:
-            return self.adapter.split_vision_features(run.vision_features, run.n_image)
+            return self.adapter.split_vision_features(run.vision_features, run.n_image, run.inputs)
 
         return features
 
     def _vision_attention_of(self, run: _Prefill) -> Any:
         def attention() -> list[torch.Tensor]:  # per sample, (N_b,) in image-token order
             per_token = run.vision_attention.unsqueeze(-1)  # split as the features are: one channel
-            return [a.squeeze(-1) for a in self.adapter.split_vision_features(per_token, run.n_image)]
+            split = self.adapter.split_vision_features(per_token, run.n_image, run.inputs, run.vision_features)
+            return [a.squeeze(-1) for a in split]
 
         return attention
 
@@ -580,3 +605,7 @@ def _add_rows(
     has = (row >= 0) & (layout.source >= 0)
     added = hidden + additions.to(hidden.device, hidden.dtype)[row.clamp(min=0)]
     return torch.where(has[..., None], added, hidden)
+
+
+def _stacked(before: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    return new if before is None else torch.cat([before, new.to(before.device)], dim=0)

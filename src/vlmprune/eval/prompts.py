@@ -43,6 +43,26 @@ GROUNDING_FORMATS: dict[str, GroundingFormat] = {
             "image itself, so the processor's centre crop never cuts the object off, and maps the box back"
         ),
     ),
+    "llava_next": GroundingFormat(
+        family="llava_next",
+        prompt="Please provide the bounding box coordinate of the region this sentence describes: {expression}",
+        frame="pad",
+        parse=parse_normalized_box,
+        source=(
+            "LLaVA-NeXT's instruction mix keeps LLaVA-1.5's REC data (llava_v1_5_mix665k): [x1, y1, x2, y2] normalized "
+            "to the image padded to a square; vlmprune pads the image itself and maps the box back, as for LLaVA-1.5"
+        ),
+    ),
+    "llava_onevision": GroundingFormat(
+        family="llava_onevision",
+        prompt="Please provide the bounding box coordinate of the region this sentence describes: {expression}",
+        frame="stretch",
+        parse=parse_normalized_box,
+        source=(
+            "lmms-eval's refcoco bbox_rec task, with which LLaVA-OneVision reports grounding: the same question, the "
+            "answer [x1, y1, x2, y2] normalized to the image's own width and height"
+        ),
+    ),
     "prismatic": GroundingFormat(
         family="prismatic",
         prompt='Please provide the bounding box coordinate of the region this sentence describes: "{expression}"',
@@ -89,8 +109,8 @@ def prompt_family(config: Any) -> str:
 
 
 def grounding_format_for(model: Any) -> GroundingFormat:
-    """The format of a model config (see `prompt_family`) or a family name (llava, prismatic, qwen2_vl, qwen2_5_vl,
-    qwen3_vl).
+    """The format of a model config (see `prompt_family`) or a family name (llava, llava_next, llava_onevision,
+    prismatic, qwen2_vl, qwen2_5_vl, qwen3_vl).
 
     LLaVA's when the family is unknown.
     """
