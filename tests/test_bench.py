@@ -79,9 +79,9 @@ def test_bench_command_writes_json_and_markdown(tmp_path, capsys):
 def test_bench_refuses_a_layout_it_cannot_build():
     import dataclasses
 
+    from vlmprune.cli._common import CommandError
     from vlmprune.cli.bench import _setup
     from vlmprune.cost import get_shape
-    from vlmprune.cli._common import CommandError
 
     three_crops = dataclasses.replace(get_shape("llava-next-tiny"), name="three-crops", images=3)  # not k x k crops
     with pytest.raises(CommandError, match="three-crops: bench builds LLaVA- and Qwen-VL-layout models"):
