@@ -12,7 +12,7 @@ from vlmprune.cli.main import main
 from vlmprune.cost import TokenSchedule, estimate, get_shape, match_flops
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "feather", "random", "uniform", "knn", "btp", "vispruner"])
+@pytest.mark.parametrize("name", sorted(vlmprune.list_methods()))
 def test_matching_finds_each_methods_budget_for_a_target_reduction(name):
     shape = get_shape("prismatic-7b")
     method = match_flops(vlmprune.build_method(name), shape, 0.5)

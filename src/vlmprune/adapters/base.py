@@ -106,6 +106,12 @@ class ModelAdapter(ABC):
         flat = features.reshape(-1, features.shape[-1])
         return list(torch.split(flat, n_image_tokens))
 
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The decoder stack's norm after its last layer (`norm` in transformers' decoders), or None (DART reads
+        hidden states through it)."""
+        return getattr(self.text_model, "norm", None)
+
     # Queries, keys and positions ---------------------------------------------------------------------------
 
     def normed_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

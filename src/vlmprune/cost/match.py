@@ -22,6 +22,10 @@ KNOBS: dict[str, tuple[str, float, float]] = {
     "pdrop": ("lam", 0.01, 0.99),
     "btp": ("scale", 0.01, 12.0),  # up to every stage but the last keeping all
     "vispruner": ("ratio", 0.0, 0.99),
+    "fastervlm": ("ratio", 0.0, 0.99),
+    "divprune": ("ratio", 0.0, 0.99),
+    "dart": ("ratio", 0.0, 0.99),
+    "cdpruner": ("ratio", 0.0, 0.99),
 }
 
 

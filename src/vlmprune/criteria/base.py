@@ -40,6 +40,10 @@ class SelectionContext:
         stage_index: 0-based index of the stage being run (seeds per-stage randomness).
         hidden_states_fn: returns the stage layer's input hidden states of the image slots, (batch, m, hidden);
             read through `hidden_states()`.
+        instruction_fn: returns the stage layer's input rows (batch, n, hidden) and which of them are the
+            instruction (batch, n) bool; read through `instruction()`.
+        keys_fn: returns the scoring layer's keys of the image slots and of every row; read through `keys()`.
+        final_norm_fn: the language model's final norm (the one before its head); read through `final_norm()`.
     """
 
     image_ids: torch.Tensor
@@ -51,6 +55,9 @@ class SelectionContext:
     vision_features_fn: Callable[[], list[torch.Tensor]] | None = None
     hidden_states_fn: Callable[[], torch.Tensor] | None = None
     vision_attention_fn: Callable[[], list[torch.Tensor]] | None = None
+    instruction_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    keys_fn: Callable[[bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+    final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -121,6 +128,35 @@ class SelectionContext:
         if "hidden" not in self._cache:
             self._cache["hidden"] = self.hidden_states_fn()
         return self._cache["hidden"]
+
+    def instruction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instruction's hidden states entering the stage's layer: (rows (batch, n, hidden), mask (batch, n)).
+
+        `rows` are every row of the current sequence (text, image and padding); `mask` marks the instruction, the
+        text rows after each sample's last image token (the prompt's question and what follows it; the last row
+        when no text follows the image). At a stage before the language model these are the input embeddings.
+        """
+        if self.instruction_fn is None:
+            raise RuntimeError("this context holds no instruction rows (built outside a stage)")
+        if "instruction" not in self._cache:
+            self._cache["instruction"] = self.instruction_fn()
+        return self._cache["instruction"]
+
+    def keys(self, rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scoring layer's keys, heads concatenated: (image slots (batch, m, heads·head_dim), every row of the
+        current sequence (batch, n, heads·head_dim)), rows as in `instruction()`; RoPE applied with `rope`.
+
+        Keys are repeated to the number of query heads (GQA), so norms compare across models alike."""
+        if self.keys_fn is None:
+            raise RuntimeError("this stage has no scoring layer: the criterion needs LLM keys")
+        key = ("keys", rope)
+        if key not in self._cache:
+            self._cache[key] = self.keys_fn(rope)
+        return self._cache[key]
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` (..., hidden) through the language model's final norm (identity if the model has none)."""
+        return hidden if self.final_norm_fn is None else self.final_norm_fn(hidden)
 
     def vision_attention(self) -> torch.Tensor:
         """(batch, m) float32 vision-encoder attention each present image token receives (see

@@ -335,16 +335,20 @@ class PruningSession:
         image_cols, present = layout.image_slots()  # (batch, m)
         image_ids = torch.gather(layout.image_id, 1, image_cols).masked_fill(~present, -1)
         budgets = [stage.budget.resolve(n, c) for n, c in zip(run.n_image, layout.n_image, strict=True)]
+        probe = run.probes.pop(s, None)
         ctx = SelectionContext(
             image_ids=image_ids,
             counts=list(layout.n_image),
             image_grids=run.image_grids,
             n_original=run.n_image,
             stage_index=s,
-            attention_fn=run.probes.pop(s, None),
+            attention_fn=probe,
             vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
             hidden_states_fn=lambda: gather_rows(hidden, image_cols),
             vision_attention_fn=self._vision_attention_of(run) if run.vision_attention is not None else None,
+            instruction_fn=lambda: (hidden, layout.instruction_rows()),
+            keys_fn=probe.keys if probe is not None else None,
+            final_norm_fn=self.adapter.final_norm,
         )
         keep = stage.criterion.select(ctx, budgets) & present
         n_kept = stage.criterion.counts(ctx, budgets)
