@@ -48,6 +48,11 @@ METHOD_CASES = {
     ),
     "cdpruner": ("cdpruner", {"keep": 40}),
     "cdpruner-ratio-theta": ("cdpruner", {"keep": None, "ratio": 0.8, "theta": 0.5, "positions": "original"}),
+    "visionzip": ("visionzip", {}),
+    "visionzip-ratio-original-positions": ("visionzip", {"keep": None, "ratio": 0.7, "positions": "original"}),
+    "pooling": ("pooling", {}),
+    "pooling-3x3-vision-features": ("pooling", {"size": 3, "space": "vision_features"}),
+    "pooling-5x5-original-positions": ("pooling", {"size": 5, "positions": "original"}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 

@@ -8,6 +8,11 @@ self-check compare pruned runs against it; it runs the eager and sdpa backends, 
 For a method that prunes once before the language model (a stage at layer 0) there is a second, more direct
 reference (`pre_llm_logits`, `pre_llm_greedy`): the unmodified language model run, one sample at a time and
 with no hook on it, on only the input embeddings the method kept, with the positions it defines.
+
+A merging stage before the language model (its trace has `sources`) keeps tokens whose states are weighted sums
+of original tokens: both references compute each such state from the trace's sources and weights (over the input
+embeddings, or over the vision features before the projector, projected again) and put it in place of its
+token's input embedding; the language model itself runs unmodified.
 """
 
 from __future__ import annotations
@@ -49,6 +54,60 @@ def alive_per_layer(model, inputs: dict, trace: Trace) -> list[torch.Tensor]:
     return alive
 
 
+def _merging_stage(trace: Trace):
+    """The trace's merging stage before the language model, or None (a later merging stage is not supported)."""
+    merging = [stage for stage in trace.stages if stage.sources is not None]
+    if merging and (merging[0].layer != 0 or len(merging) > 1):
+        raise ValueError("the references support one merging stage, before the language model (layer 0)")
+    return merging[0] if merging else None
+
+
+def _with_merged(model, inputs: dict, trace: Trace, embeds: torch.Tensor, features) -> torch.Tensor:
+    """`embeds` (batch, seq, hidden) with each merged token's input embedding replaced by its merged state.
+
+    `features` are the vision features the projector got (needed for `merge_space="vision_features"`)."""
+    stage = _merging_stage(trace)
+    if stage is None:
+        return embeds
+    adapter = get_adapter(model)
+    image = adapter.image_token_mask(inputs)
+    embeds = embeds.clone()
+    if stage.merge_space == "vision_features":
+        per_sample = adapter.split_vision_features(features, [int(n) for n in image.sum(dim=1)])
+    for b, tokens in enumerate(stage.sources):
+        columns = torch.nonzero(image[b]).flatten()
+        for kept, (ids, weights) in zip(stage.kept[b].tolist(), tokens, strict=True):
+            if stage.merge_space == "hidden":
+                state = (weights[:, None] * embeds[b, columns[ids]].float()).sum(dim=0)
+            else:
+                source = per_sample[b][ids]
+                merged = (weights[:, None] * source.float()).sum(dim=0).to(source.dtype)
+                state = adapter.project_vision_features(merged[None])[0]
+            embeds[b, columns[kept]] = state.to(embeds.dtype)
+    return embeds
+
+
+def _substituting(model, inputs: dict, trace: Trace) -> list:
+    """Hooks that put the merged states of `trace` into the decoder stack's input embeddings (none without merging)."""
+    stage = _merging_stage(trace)
+    if stage is None:
+        return []
+    adapter = get_adapter(model)
+    captured = {}
+    handles = []
+    if stage.merge_space == "vision_features":
+        handles.append(
+            adapter.vision_feature_module.register_forward_pre_hook(lambda m, args: captured.update(features=args[0]))
+        )
+
+    def hook(module, args, kwargs):
+        kwargs["inputs_embeds"] = _with_merged(model, inputs, trace, kwargs["inputs_embeds"], captured.get("features"))
+        return args, kwargs
+
+    handles.append(adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
 def _install(model, alive: list[torch.Tensor], renumber: list[bool], position_ids: torch.Tensor):
     adapter = get_adapter(model)
     eager = adapter.text_config._attn_implementation == "eager"
@@ -87,7 +146,7 @@ def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) ->
     """(batch, seq, vocab) logits of the masked unpruned model, with the kept sets of `trace`."""
     alive = alive_per_layer(model, inputs, trace)
     position_ids = positions_from_mask(inputs["attention_mask"])
-    handles = _install(model, alive, renumber, position_ids)
+    handles = _substituting(model, inputs, trace) + _install(model, alive, renumber, position_ids)
     try:
         return model(**inputs, position_ids=position_ids, use_cache=False).logits
     finally:
@@ -103,7 +162,7 @@ def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], ne
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     out = []
     for _ in range(new_tokens):
-        handles = _install(model, alive, renumber, positions_from_mask(mask))
+        handles = _substituting(model, inputs, trace) + _install(model, alive, renumber, positions_from_mask(mask))
         try:
             logits = model(
                 input_ids=ids,
@@ -126,29 +185,38 @@ class _Captured(Exception):
     """Stops a forward once the decoder stack's input embeddings are captured."""
 
 
-def _input_embeddings(model, inputs: dict) -> torch.Tensor:
-    """(batch, seq, hidden) embeddings the decoder stack receives (text embeddings with the image features merged)."""
+def _input_embeddings(model, inputs: dict, trace: Trace | None = None) -> torch.Tensor:
+    """(batch, seq, hidden) embeddings the decoder stack receives (text embeddings with the image features merged);
+    with a `trace` of a merging stage, its merged tokens' states in place of their embeddings."""
+    adapter = get_adapter(model)
     captured = {}
 
     def hook(module, args, kwargs):
         captured["embeds"] = kwargs["inputs_embeds"]
         raise _Captured
 
-    handle = get_adapter(model).text_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True)]
+    if adapter.vision_feature_module is not None:
+        handles.append(
+            adapter.vision_feature_module.register_forward_pre_hook(lambda m, args: captured.update(features=args[0]))
+        )
     try:
         model(**inputs, use_cache=False)
     except _Captured:
         pass
     finally:
-        handle.remove()
-    return captured["embeds"]
+        for handle in handles:
+            handle.remove()
+    if trace is None:
+        return captured["embeds"]
+    return _with_merged(model, inputs, trace, captured["embeds"], captured.get("features"))
 
 
 def _kept_inputs(model, inputs: dict, trace: Trace, renumber: bool) -> list[tuple[torch.Tensor, ...]]:
     """Per sample, (kept input columns, their embeddings (1, n, hidden), their position ids (1, n))."""
     if len(trace.stages) != 1 or trace.stages[0].layer != 0:
         raise ValueError("the pre-LLM reference needs a trace with one stage, at layer 0")
-    embeds = _input_embeddings(model, inputs)
+    embeds = _input_embeddings(model, inputs, trace)
     image = get_adapter(model).image_token_mask(inputs)
     image_id = torch.where(image, image.long().cumsum(1) - 1, -1)
     valid = inputs["attention_mask"].bool()

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "vit_attention"]
+__all__ = ["ModelAdapter", "vit_attention", "vit_keys"]
 
 
 class ModelAdapter(ABC):
@@ -65,6 +65,18 @@ class ModelAdapter(ABC):
         projections, for the rows needed only; columns in image-token order (a [CLS] column dropped).
         """
         raise NotImplementedError(f"{self.family} models expose no vision-encoder attention")
+
+    def vision_keys(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(images, image tokens of one image, head_dim) float32 keys of `layer` (the `vision_attention_layer`)
+        averaged over heads, from its input `hidden`; image tokens only (VisionZip's `metric`)."""
+        raise NotImplementedError(f"{self.family} models expose no vision-encoder keys")
+
+    def project_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) the language model's input embeddings of vision features (..., channels) taken before
+        the projector (a merging criterion's merged features); by default the `vision_feature_module` itself."""
+        if self.vision_feature_module is None:
+            raise NotImplementedError(f"{self.family} models expose no projector of vision features")
+        return self.vision_feature_module(features)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -185,6 +197,15 @@ def vit_attention(
             q = heads(attn.q_proj(rows[:, start : start + chunk]))
             received += torch.softmax(q @ keys.transpose(-1, -2) * attn.scale, dim=-1).sum(dim=2)
         return (received / rows.shape[1]).mean(dim=1)
+
+
+def vit_keys(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(images, tokens, head_dim) float32 keys of a pre-norm ViT layer (CLIP, SigLIP) for its input `hidden`
+    (images, tokens, width), averaged over heads: VisionZip's `raw_key_states.mean(1)`, before any scaling."""
+    attn = layer.self_attn
+    with torch.no_grad():
+        keys = attn.k_proj(layer.layer_norm1(hidden))
+        return keys.view(*keys.shape[:2], -1, attn.head_dim).float().mean(dim=2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

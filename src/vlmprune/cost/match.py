@@ -26,6 +26,7 @@ KNOBS: dict[str, tuple[str, float, float]] = {
     "divprune": ("ratio", 0.0, 0.99),
     "dart": ("ratio", 0.0, 0.99),
     "cdpruner": ("ratio", 0.0, 0.99),
+    "visionzip": ("ratio", 0.0, 0.99),
 }
 
 

@@ -6,6 +6,7 @@ from vlmprune.criteria.base import Criterion, ScoredCriterion, SelectionContext
 from vlmprune.criteria.dpp import ConditionalDPP
 from vlmprune.criteria.ensemble import Ensemble
 from vlmprune.criteria.knn import KnnDensity
+from vlmprune.criteria.merging import DominantContextual, GridPool
 from vlmprune.criteria.pivots import PivotDissimilarity
 from vlmprune.criteria.random import RandomScore
 from vlmprune.criteria.uniform import Uniform
@@ -16,7 +17,9 @@ __all__ = [
     "Balanced",
     "ConditionalDPP",
     "Criterion",
+    "DominantContextual",
     "Ensemble",
+    "GridPool",
     "ImportantDiverse",
     "KnnDensity",
     "PivotDissimilarity",

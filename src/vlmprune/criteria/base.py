@@ -18,11 +18,20 @@ import torch
 from vlmprune.errors import VlmpruneError
 from vlmprune.tensors import on_device
 
-__all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext", "keep_top", "kept_positions"]
+__all__ = [
+    "AttentionFn",
+    "Criterion",
+    "MergeSpace",
+    "ScoredCriterion",
+    "SelectionContext",
+    "keep_top",
+    "kept_positions",
+]
 
 QueryPolicy = Literal["last", "text_mean", "all"]
 SoftmaxDomain = Literal["sequence", "image", "none"]
 ScoreDtype = Literal["model", "float32"]
+MergeSpace = Literal["hidden", "vision_features"]
 AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool, ScoreDtype], torch.Tensor]
 
 
@@ -44,6 +53,8 @@ class SelectionContext:
             instruction (batch, n) bool; read through `instruction()`.
         keys_fn: returns the scoring layer's keys of the image slots and of every row; read through `keys()`.
         final_norm_fn: the language model's final norm (the one before its head); read through `final_norm()`.
+        vision_keys_fn: per sample, (N_b, head_dim) the vision-encoder keys (mean over heads) at the layer whose
+            attention `vision_attention` reads; read through `vision_keys()`.
     """
 
     image_ids: torch.Tensor
@@ -58,6 +69,7 @@ class SelectionContext:
     instruction_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     keys_fn: Callable[[bool], tuple[torch.Tensor, torch.Tensor]] | None = None
     final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    vision_keys_fn: Callable[[], list[torch.Tensor]] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -116,6 +128,20 @@ class SelectionContext:
             index = self.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, features.shape[-1])
             self._cache["vision"] = torch.gather(features, 1, index)
         return self._cache["vision"]
+
+    def vision_keys(self) -> torch.Tensor:
+        """(batch, m, head_dim) float32 vision-encoder keys of the present image tokens, averaged over heads, at the
+        layer `vision_attention` reads (VisionZip's `metric`); padding slots hold token 0's."""
+        if self.vision_keys_fn is None:
+            raise VlmpruneError(
+                "the vision encoder's keys were not captured: this criterion needs the model to encode the images "
+                "(pixel_values) in the same forward as the prompt"
+            )
+        if "vision_keys" not in self._cache:
+            keys = torch.nn.utils.rnn.pad_sequence(list(self.vision_keys_fn()), batch_first=True)
+            index = self.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+            self._cache["vision_keys"] = torch.gather(keys.to(self.image_ids.device).float(), 1, index)
+        return self._cache["vision_keys"]
 
     def hidden_states(self) -> torch.Tensor:
         """(batch, m, hidden) the hidden states of the present image tokens entering the stage's layer.
@@ -188,11 +214,17 @@ class Criterion(ABC):
     """Chooses which present image tokens a stage keeps.
 
     `requires` names the inputs the engine must capture: "attention" (queries and keys of the scoring
-    layer), "vision_features" (the vision encoder's features before the projector) and/or "vision_attention"
-    (the attention image tokens receive in the vision encoder, `ModelAdapter.vision_attention`).
+    layer), "vision_features" (the vision encoder's features before the projector), "vision_attention"
+    (the attention image tokens receive in the vision encoder, `ModelAdapter.vision_attention`) and/or
+    "vision_keys" (that layer's keys, `ModelAdapter.vision_keys`).
+
+    A merging criterion sets `merges` and implements `merge_weights`: each kept token's new state is then a
+    weighted sum of the stage's image tokens, in the stage's hidden states (`"hidden"`) or, before the language
+    model, in the vision features before the projector, projected again (`"vision_features"`).
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    merges: ClassVar[MergeSpace | None] = None
 
     @abstractmethod
     def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
@@ -201,6 +233,12 @@ class Criterion(ABC):
         `budgets[b]` is the stage's token budget for sample b; criteria that fix their own count (a uniform
         grid with a stride, an ensemble without top-up) may keep a different number.
         """
+
+    def merge_weights(self, ctx: SelectionContext, budgets: list[int], keep: torch.Tensor) -> torch.Tensor:
+        """(batch, m, m) float32: row i of a kept slot i holds the weight of each slot j in its new state (rows of
+        slots not kept are ignored); `keep` is what `select` returned. Only merging criteria (`merges`) implement
+        it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps a subset of the tokens and merges none")
 
     def counts(self, ctx: SelectionContext, budgets: list[int]) -> list[int] | None:
         """Per sample, how many tokens `select` keeps, if known on the host without reading its result.

@@ -50,6 +50,7 @@ class _Prefill:
     full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     vision_features: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None  # (images, image tokens per image), `adapter.vision_attention`
+    vision_keys: torch.Tensor | None = None  # (images, image tokens per image, head_dim), `adapter.vision_keys`
     probes: dict[int, AttentionProbe] = field(default_factory=dict)
     capacity: int | None = None  # a static cache's length per layer (keys beyond what it holds are unused)
     decoding: bool = False  # a decode step has run on this prefill's cache
@@ -91,6 +92,7 @@ class PruningSession:
         self._new_images = False  # whether the current multimodal call got images: a new prompt, not a decode step
         self._vision_features: torch.Tensor | None = None
         self._vision_attention: torch.Tensor | None = None
+        self._vision_keys: torch.Tensor | None = None
         self._run: _Prefill | None = None
         self._validate()
         depth = adapter.num_layers
@@ -120,7 +122,7 @@ class PruningSession:
                 )
         if self._needs("vision_features") and self.adapter.vision_feature_module is None:
             raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
-        if self._needs("vision_attention") and self.adapter.vision_attention_layer is None:
+        if self._needs_vision_layer() and self.adapter.vision_attention_layer is None:
             raise VlmpruneError(
                 f"this {self.adapter.family} model exposes no vision-encoder attention layer for this criterion "
                 "(features taken from several vision layers, or from the embeddings)"
@@ -142,7 +144,7 @@ class PruningSession:
             self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
             if self._needs("vision_features"):
                 self._hook(adapter.vision_feature_module, self._on_vision_features)
-            if self._needs("vision_attention"):
+            if self._needs_vision_layer():
                 self._hook(adapter.vision_attention_layer, self._on_vision_attention)
             for i in range(self._first_hooked_layer, adapter.num_layers):
                 self._hook(adapter.layers[i], self._layer_hook(i))
@@ -161,9 +163,13 @@ class PruningSession:
         self._new_images = False
         self._vision_features = None
         self._vision_attention = None
+        self._vision_keys = None
 
     def _needs(self, capture: str) -> bool:
         return any(capture in s.criterion.requires for s in self.stages)
+
+    def _needs_vision_layer(self) -> bool:
+        return self._needs("vision_attention") or self._needs("vision_keys")
 
     def _hook(self, module: nn.Module, fn: Any) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
@@ -179,7 +185,10 @@ class PruningSession:
 
     def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        self._vision_attention = self.adapter.vision_attention(module, hidden)
+        if self._needs("vision_attention"):
+            self._vision_attention = self.adapter.vision_attention(module, hidden)
+        if self._needs("vision_keys"):
+            self._vision_keys = self.adapter.vision_keys(module, hidden)
 
     def _on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
@@ -266,7 +275,7 @@ class PruningSession:
         self.trace.image_tokens_per_layer = torch.tensor([layout.n_image for layout in layouts]).T
         self.trace.output_index = run.current.source
         run.probes.clear()
-        run.vision_features = run.vision_attention = None
+        run.vision_features = run.vision_attention = run.vision_keys = None
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
             run.cache = find_cache(output.values() if isinstance(output, Mapping) else output)
         if run.cache is None:
@@ -320,8 +329,9 @@ class PruningSession:
             vision_features=self._vision_features,
             capacity=static_capacity(cache),
             vision_attention=self._vision_attention,
+            vision_keys=self._vision_keys,
         )
-        self._vision_features = self._vision_attention = None
+        self._vision_features = self._vision_attention = self._vision_keys = None
 
     def _apply_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
         """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout.
@@ -349,6 +359,7 @@ class PruningSession:
             instruction_fn=lambda: (hidden, layout.instruction_rows()),
             keys_fn=probe.keys if probe is not None else None,
             final_norm_fn=self.adapter.final_norm,
+            vision_keys_fn=self._vision_keys_of(run) if run.vision_keys is not None else None,
         )
         keep = stage.criterion.select(ctx, budgets) & present
         n_kept = stage.criterion.counts(ctx, budgets)
@@ -356,9 +367,15 @@ class PruningSession:
             n_kept = keep.sum(dim=1).tolist()
         new, index = self._reduced_layout(layout, image_cols, keep, n_kept, stage, hidden)
         run.layouts.append(new)
-        kept_hidden = gather_rows(hidden, index)
         kept_slots, kept_valid = compact(keep, n_kept)
         kept_ids = torch.gather(image_ids, 1, kept_slots).masked_fill(~kept_valid, -1)
+        merge_weights = None
+        if stage.criterion.merges is not None:
+            weights = stage.criterion.merge_weights(ctx, budgets, keep)  # (batch, m, m), rows of the kept slots
+            hidden = self._merged(hidden, image_cols, keep, weights, stage.criterion.merges, ctx)
+            merge_weights = torch.gather(weights, 1, kept_slots[:, :, None].expand(-1, -1, weights.shape[2]))
+            merge_weights = merge_weights.masked_fill(~kept_valid[:, :, None], 0.0)
+        kept_hidden = gather_rows(hidden, index)
         timer.stop()
         self.trace.stages.append(
             StageRecord(
@@ -370,9 +387,35 @@ class PruningSession:
                 n_before=list(layout.n_image),
                 scoring_layer=stage.scoring_layer if stage.needs_attention else None,
                 timer=timer,
+                merge_space=stage.criterion.merges,
+                merge_weights=merge_weights,
+                merge_ids=image_ids if merge_weights is not None else None,
             )
         )
         return kept_hidden
+
+    def _merged(
+        self,
+        hidden: torch.Tensor,
+        image_cols: torch.Tensor,
+        keep: torch.Tensor,
+        weights: torch.Tensor,
+        space: str,
+        ctx: SelectionContext,
+    ) -> torch.Tensor:
+        """`hidden` with each kept image row replaced by its merged state: `weights` (batch, m, m) times the slots'
+        hidden states, or (`space="vision_features"`) the projection of `weights` times their vision features."""
+        rows = gather_rows(hidden, image_cols)  # (batch, m, hidden)
+        if space == "hidden":
+            merged = (weights @ rows.float()).to(hidden.dtype)
+        else:
+            features = ctx.vision_features()
+            merged = self.adapter.project_vision_features((weights @ features.float()).to(features.dtype))
+        rows = torch.where(keep[:, :, None], merged.to(hidden.dtype), rows)
+        batch, n, width = hidden.shape
+        spare = image_cols.masked_fill(~ctx.present, n)  # padding slots write to a spare row, then dropped
+        widened = torch.cat([hidden, hidden.new_zeros(batch, 1, width)], dim=1)
+        return widened.scatter(1, spare[:, :, None].expand(-1, -1, width), rows)[:, :n]
 
     def _reduced_layout(
         self,
@@ -435,6 +478,12 @@ class PruningSession:
             return self.adapter.split_vision_features(run.vision_features, run.n_image)
 
         return features
+
+    def _vision_keys_of(self, run: _Prefill) -> Any:
+        def keys() -> list[torch.Tensor]:  # per sample, (N_b, head_dim) in image-token order
+            return self.adapter.split_vision_features(run.vision_keys, run.n_image)
+
+        return keys
 
     def _vision_attention_of(self, run: _Prefill) -> Any:
         def attention() -> list[torch.Tensor]:  # per sample, (N_b,) in image-token order

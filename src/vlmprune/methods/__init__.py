@@ -16,9 +16,11 @@ from vlmprune.methods.fastervlm import FasterVLM
 from vlmprune.methods.fastv import FastV
 from vlmprune.methods.feather import Feather
 from vlmprune.methods.knn_prune import KnnPrune
+from vlmprune.methods.pooling import Pooling
 from vlmprune.methods.pyramid_drop import PyramidDrop
 from vlmprune.methods.random_prune import RandomPrune
 from vlmprune.methods.uniform_prune import UniformPrune
+from vlmprune.methods.visionzip import VisionZip
 from vlmprune.methods.vispruner import VisPruner
 
 __all__ = [
@@ -32,10 +34,12 @@ __all__ = [
     "Feather",
     "KnnPrune",
     "Method",
+    "Pooling",
     "PyramidDrop",
     "RandomPrune",
     "UniformPrune",
     "VisPruner",
+    "VisionZip",
     "build_method",
     "list_methods",
     "method_parameters",
@@ -56,6 +60,8 @@ METHODS: dict[str, type[Method]] = {
         DivPrune,
         DART,
         CDPruner,
+        VisionZip,
+        Pooling,
     )
 }
 

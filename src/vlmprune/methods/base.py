@@ -50,6 +50,9 @@ PARAMETER_HELP: dict[str, str] = {
     "key_rope": "DART: rotary embeddings on the keys whose L1 norm picks the pivots",
     "final_norm": "DART: compare hidden states after the language model's final norm, as its code does",
     "negate_relevance": "CDPruner: relevance is minus the mean image-instruction cosine, as its code computes it",
+    "contextual_share": "VisionZip: the budget's share of contextual (merged) tokens; the rest are dominant tokens",
+    "size": "pooling: the side of the square window averaged into one token (2: a quarter of the tokens)",
+    "space": "merging in the stage's hidden states ('hidden') or the vision features before the projector",
     "theta": "CDPruner: relevance exp(theta/(2(1-theta)) r) (its code's commented option); None: r itself",
 }
 
