@@ -243,3 +243,44 @@ def cdpruner_keep(
         di2s -= torch.square(eis)
         di2s[torch.arange(B), j] = -float("inf")
     return torch.sort(select_idx.t()).values[0]
+
+
+def visionzip_tokens(
+    hidden_states: torch.Tensor,
+    attn_weights: torch.Tensor,
+    metric: torch.Tensor,
+    dominant_num: int,
+    contextual_num: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`CLIPVisionTower_VisionZip.forward` on one image, transcribed: ((1 + dominant + contextual, C) tokens, the
+    [CLS] first, the dominant patches in raster order, then the contextual tokens; the kept `all_indices`).
+
+    `hidden_states` (1 + N, C) are the feature layer's output, `attn_weights` (heads, 1 + N, 1 + N) its attention,
+    `metric` (1 + N, head_dim) its keys averaged over heads (`raw_key_states.mean(1)`)."""
+    hidden_states, attn_weights, metric = hidden_states[None], attn_weights[None], metric[None]
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1 :]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((1, 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(1, dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(1, hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(
+        1, hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2]
+    )
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    others = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    tokens_to_merge = metric_normalized[:, others, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(1, tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, others, :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1)[0], all_indices[0]

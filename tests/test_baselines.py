@@ -16,6 +16,7 @@ from conftest import random_image
 from eval_data import write_refer
 from vlmprune.adapters import get_adapter
 from vlmprune.cli.main import main
+from vlmprune.cost.match import KNOBS
 from vlmprune.criteria import Balanced, ConditionalDPP, PivotDissimilarity, SelectionContext
 from vlmprune.criteria.base import kept_positions
 from vlmprune.criteria.dpp import dpp_greedy_map
@@ -202,10 +203,84 @@ def test_cdpruner_in_a_padded_batch_keeps_each_samples_own_picks(models, make_in
             assert trace.stages[0].kept[0].tolist() == together[b]
 
 
+# --- VisionZip and pooling: merged tokens -------------------------------------------------------------------------
+
+
+def test_visionzip_tokens_are_the_official_dominant_and_contextual_tokens(models, make_inputs):
+    """The merged states the trace records equal `CLIPVisionTower_VisionZip.forward`'s, token by token (without
+    its [CLS], which the language model does not get here): 34 dominant patches and 6 contextual tokens."""
+    model = models["eager"]
+    adapter = get_adapter(model)
+    inputs = make_inputs([PROMPT])
+    layer = adapter.vision_attention_layer
+    seen = {}
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args: seen.update(layer_input=args[0])),
+        adapter.vision_feature_module.register_forward_pre_hook(lambda m, args: seen.update(features=args[0])),
+    ]
+    try:
+        with torch.no_grad():
+            out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
+            with vlmprune.prune(model, vlmprune.build_method("visionzip", keep=40)) as trace:
+                model(**inputs)
+            attn = layer.self_attn
+            keys = attn.k_proj(layer.layer_norm1(seen["layer_input"]))[0]
+            metric = keys.view(keys.shape[0], -1, attn.head_dim).mean(dim=1)  # `raw_key_states.mean(1)`
+    finally:
+        for handle in handles:
+            handle.remove()
+    feature_layer = model.config.vision_feature_layer
+    tokens, indices = official.visionzip_tokens(
+        out.hidden_states[feature_layer][0], out.attentions[feature_layer][0], metric, 34, 6
+    )
+    patches = indices[1:] - 1  # the dominant patches, as image-token indices
+    rest = [i for i in range(144) if i not in set(patches.tolist())]
+    step = max(1, len(rest) // 6)
+    targets = [rest[t] for t in range(0, len(rest), step)[:6]]
+    expected = dict(zip(sorted(patches.tolist()) + targets, list(tokens[1:]), strict=True))
+    stage = trace.stages[0]
+    assert stage.kept[0].tolist() == sorted(expected) and stage.merge_space == "vision_features"
+    features = seen["features"][0]
+    for kept, (ids, weights) in zip(stage.kept[0].tolist(), stage.sources[0], strict=True):
+        merged = (weights[:, None] * features[ids]).sum(dim=0)
+        torch.testing.assert_close(merged, expected[kept], atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_averages_each_window_into_its_first_token(models, make_inputs):
+    model = models["sdpa"]
+    for size, windows in ((2, 36), (5, 9)):  # 12 x 12: 6 x 6 windows of 2 x 2; 3 x 3 windows of 5 x 5 (ceil)
+        with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("pooling", size=size)) as trace:
+            model(**make_inputs([PROMPT]))
+        stage = trace.stages[0]
+        assert stage.n_kept == [windows]
+        first, last = stage.sources[0][0], stage.sources[0][-1]
+        assert first[0].tolist() == [r * 12 + c for r in range(size) for c in range(size)]
+        assert torch.allclose(first[1], torch.full((size * size,), 1 / size**2))
+        corner = 12 - (12 // size) * size or size  # the last window's side
+        assert stage.kept[0][-1].item() == (12 - corner) * 12 + 12 - corner and len(last[0]) == corner**2
+
+
+def test_a_merging_trace_says_which_tokens_fed_each_kept_one(models, make_inputs):
+    with torch.no_grad(), vlmprune.prune(models["sdpa"], vlmprune.build_method("pooling", size=3)) as trace:
+        models["sdpa"](**make_inputs([PROMPT, "where is the cat"]))
+    saved = trace.to_dict()["stages"][0]
+    assert saved["merge_space"] == "hidden" and len(saved["sources"]) == 2 and len(saved["sources"][1]) == 16
+    assert saved["sources"][0][1]["ids"] == [3, 4, 5, 15, 16, 17, 27, 28, 29]
+    assert saved["sources"][0][1]["weights"] == pytest.approx([1 / 9] * 9)
+    assert "merged into 16/144, 16/144 image tokens" in trace.summary()
+
+
 # --- every method through the command line ------------------------------------------------------------------------
 
 
-BASELINE_PARAMS = [("fastervlm", "keep=40"), ("divprune", "ratio=0.75"), ("dart", "keep=32"), ("cdpruner", "keep=40")]
+BASELINE_PARAMS = [
+    ("fastervlm", "keep=40"),
+    ("divprune", "ratio=0.75"),
+    ("dart", "keep=32"),
+    ("cdpruner", "keep=40"),
+    ("visionzip", "keep=40"),
+    ("pooling", "size=3"),
+]
 
 
 @pytest.mark.parametrize(("name", "param"), BASELINE_PARAMS)
@@ -216,11 +291,15 @@ def test_generate_compare_viz_and_bench_run_each_baseline(name, param, small_mod
     assert main([*args, "--method", name, "--param", param, "--save-trace", str(trace)]) == 0
     assert json.loads(trace.read_text())["method"]["name"] == name
     data, out = write_refer(tmp_path / "data", n_refs=2), tmp_path / "compare"
-    compare = ["compare", "--model", small_model_dir, "--methods", name, "--match-flops", "0.5"]
+    matched = name in KNOBS  # pooling's grid fixes its count: nothing to match
+    compare = ["compare", "--model", small_model_dir, "--methods", name, *(["--match-flops", "0.5"] if matched else [])]
     where = ["--tasks", "refcoco", "--data", str(data), "--out", str(out), "--batch-size", "2"]
     assert main([*compare, *where, "--max-new-tokens", "4"]) == 0
     rows = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in rows] == ["unpruned", name] and abs(rows[1]["flops_reduction"] - 0.5) < 0.03
+    assert [r["method"] for r in rows] == ["unpruned", name]
+    assert abs(rows[1]["flops_reduction"] - 0.5) < 0.03 if matched else rows[1]["flops_reduction"] > 0.5
+    records = [json.loads(line) for line in (out / name / "samples.jsonl").read_text().splitlines()]
+    assert ("merged" in records[0]["stages"][0]) == (name in ("visionzip", "pooling"))
     pytest.importorskip("matplotlib")
     assert main(["viz", "--run", str(out / name), "--out", str(tmp_path / "viz"), "--samples", "1"]) == 0
     bench = ["bench", "--shape", "llava-tiny", "--methods", name, "--batch", "2", "--repeats", "1"]

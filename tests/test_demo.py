@@ -38,7 +38,7 @@ def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, c
     assert code == 0
     rows = json.loads(table.read_text())
     names = ["unpruned", "fastv", "fastv-no-rope", "uniform", "knn", "random", "pdrop", "feather", "btp", "vispruner"]
-    names += ["fastervlm", "divprune", "dart", "cdpruner"]
+    names += ["fastervlm", "divprune", "dart", "cdpruner", "visionzip"]
     assert [r["method"] for r in rows] == names
     assert {"method", "localization_acc", "other_acc", "flops_reduction", "prefill_speedup"} <= set(rows[0])
     assert all(r["prefill_speedup_spread"][0] <= r["prefill_speedup"] <= r["prefill_speedup_spread"][1] for r in rows)

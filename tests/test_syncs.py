@@ -56,6 +56,8 @@ CASES = {
     "divprune": ("divprune", {}, 1),
     "dart": ("dart", {}, 2),
     "cdpruner": ("cdpruner", {"keep": 40}, 1),
+    "visionzip": ("visionzip", {}, 1),
+    "pooling": ("pooling", {"size": 3, "space": "vision_features"}, 1),
     "fastv-text-mean": ("fastv", {"query": "text_mean"}, 2),
     "fastv-all": ("fastv", {"query": "all"}, 1),
     "pdrop-keep": ("pdrop", {"layers": (2, 3, 5), "keep": 20}, 1),

@@ -31,6 +31,7 @@ from vlmprune.methods import (
     PyramidDrop,
     RandomPrune,
     UniformPrune,
+    VisionZip,
     VisPruner,
 )
 from vlmprune.testbed.evaluate import evaluate
@@ -62,7 +63,7 @@ def demo_methods(depth: int) -> dict[str, Method]:
     FastV prunes early (about a tenth of the depth, the paper's K=3 of 32), and so do the single-stage
     criteria FEATHER ablates (uniform, KNN) and the random baseline; PyramidDrop at a quarter, half and three
     quarters; FEATHER at a quarter and a half (its 8 and 16 of 32); BTP at its code's 3, 6, 14 and 22 of 32;
-    VisPruner, FasterVLM, DivPrune and CDPruner before the language model, as in their papers; DART at
+    VisPruner, FasterVLM, DivPrune, CDPruner and VisionZip before the language model, as in their papers; DART at
     its layer 2. Every method of `list_methods()` is here.
     """
     early, quarter = max(1, round(depth / 10)), max(1, depth // 4)
@@ -83,6 +84,7 @@ def demo_methods(depth: int) -> dict[str, Method]:
         "divprune": DivPrune(),
         "dart": DART(layer=min(2, depth - 1)),
         "cdpruner": CDPruner(),
+        "visionzip": VisionZip(),
     }
 
 
