@@ -37,6 +37,9 @@ FITTING: dict[str, dict] = {
     "knn": {"layer": 2, "keep": None, "ratio": 0.5},
     "btp": {"layers": (1, 2, 3, 4)},
     "vispruner": {"keep": None, "ratio": 0.5},
+    "fastervlm": {"keep": None, "ratio": 0.5},
+    "cdpruner": {"keep": None, "ratio": 0.5},
+    "visionzip": {"keep": None, "ratio": 0.5},
 }
 # Every registered method with its fitting parameters, then variants: per-image budgets, a stage before the LLM.
 CASES: dict[str, tuple[str, dict, dict]] = {name: (name, FITTING.get(name, {}), {}) for name in METHODS}

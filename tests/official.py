@@ -11,6 +11,10 @@ codes run), with plain tensor code and none of vlmprune's helpers:
 - `budget_*`: each code's kept count, its own Python expression.
 - `dpc_knn_keep`: FEATHER's `FastVPatchCluster.forward` + `patch_cluster.py::cluster_dpc_knn`.
 - `top`: `topk` then `.sort()`; ties go to the earlier token (the official `topk` leaves them to the backend).
+- `fastervlm_keep`: FasterVLM's `encode_images` (Theia-4869/FasterVLM).
+- `divprune_picks`: DivPrune's `DivPrune` + `pairwise_cosine_similarity` (vbdi/divprune `llava_arch.py`).
+- `dart_keep`: DART's `get_retained_image_token` (its LLaVA `modeling_llama.py`).
+- `cdpruner_keep`: CDPruner's `encode_images` (Theia-4869/CDPruner `llava_arch.py`).
 """
 
 from __future__ import annotations
@@ -135,3 +139,148 @@ def dpc_knn_keep(features: torch.Tensor, cluster_num: int, k: int = 5) -> torch.
     score = dist * density
     _, index_down = torch.topk(score, k=cluster_num, dim=-1)
     return index_down[0].sort().values
+
+
+def fastervlm_keep(cls_attention: torch.Tensor, visual_token_num: int) -> torch.Tensor:
+    """`encode_images`: `image_attentions.mean(dim=1)` over heads of the (heads, N) [CLS] row, `topk(T)`; sorted."""
+    return top(cls_attention.mean(dim=0), visual_token_num)
+
+
+def divprune_picks(visual_feature_vectors: torch.Tensor, threshold_ratio: float) -> torch.Tensor:
+    """`DivPrune(features, image_feature_length, None, threshold_ratio)` on (N, D) features: the picks, in order."""
+    image_feature_length = visual_feature_vectors.shape[0]
+    threshold_terms = int(round(threshold_ratio * image_feature_length))  # noqa: RUF046 (the code's expression)
+    norm_matrix = visual_feature_vectors / visual_feature_vectors.norm(dim=1, keepdim=True)
+    cosine_matrix = 1.0 - torch.mm(norm_matrix, norm_matrix.t())
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):
+        if i == 0:
+            m2 = cosine_matrix
+        else:
+            m2 = torch.index_select(cosine_matrix, 0, torch.index_select(s, 0, torch.arange(0, i)))
+        if i == 0:  # noqa: SIM108 (as the code reads)
+            scores = torch.topk(m2, 2, dim=0, largest=False).values[1, :]  # for distance
+        else:
+            scores = torch.min(m2, dim=0).values
+        s[i] = torch.argmax(scores)
+    return s
+
+
+def dart_keep(
+    last_layer_state: torch.Tensor,
+    k_states: torch.Tensor,
+    image_start: int,
+    image_length: int,
+    max_num_trunction: int,
+    pivot_image_token: int = 4,
+    pivot_text_token: int = 4,
+    pivot_order: list[int] | None = None,
+) -> torch.Tensor:
+    """`get_retained_image_token` on one sample: ascending kept indices into the image tokens.
+
+    `last_layer_state` (n, hidden) is the final-normed input of the pruned layer, `k_states` (heads, n, head_dim)
+    the keys of the layer before. The code visits the pivots in the order of a Python `set` of row indices;
+    `pivot_order` (row indices) replaces that order when given.
+    """
+    token_topk = int(max_num_trunction // (pivot_image_token + pivot_text_token))
+    k_states = k_states.permute(1, 0, 2).reshape(k_states.shape[1], -1)
+    k_image = k_states[image_start : image_start + image_length, :]
+    k_query = k_states[image_start + image_length :, :]
+    image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + image_start).tolist()
+    query_indices = (
+        torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices + image_start + image_length
+    ).tolist()
+    indices_set = set(image_indices + query_indices)
+    tmp_set = indices_set.copy()
+    valid_indices = set(range(image_start, image_start + image_length))
+    valid_indices.difference_update(image_indices)
+    for item in pivot_order if pivot_order is not None else list(tmp_set):
+        valid_indices_list = sorted(valid_indices)  # the code's `list(set)`: ascending only matters for ties
+        valid_vectors = last_layer_state[valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(token_topk).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices.tolist()]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(sorted(indices_set)) - image_start
+
+
+def dart_pivot_order(k_states: torch.Tensor, image_start: int, image_length: int, pivots: tuple[int, int]) -> list[int]:
+    """Rows of DART's pivots, image pivots then text pivots, each by descending key L1 norm (vlmprune's order)."""
+    k_states = k_states.permute(1, 0, 2).reshape(k_states.shape[1], -1)
+    norms = torch.norm(k_states, p=1, dim=-1)
+    image = torch.sort(norms[image_start : image_start + image_length], descending=True, stable=True).indices
+    text = torch.sort(norms[image_start + image_length :], descending=True, stable=True).indices
+    return (image[: pivots[0]] + image_start).tolist() + (text[: pivots[1]] + image_start + image_length).tolist()
+
+
+def cdpruner_keep(
+    image_features: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor, visual_token_num: int
+) -> torch.Tensor:
+    """`encode_images` of CDPruner on one image: (N, D) projected features, (N, C) image and (M, C) text embeddings
+    in the relevance space; ascending kept indices."""
+    image_features, image_embeds = image_features[None], image_embeds[None]
+    B, N, _ = image_features.shape
+    image_normalized = (image_features / image_features.norm(dim=-1, keepdim=True)).float()
+    similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    relevance = torch.matmul(image_embeds, text_embeds.t())
+    relevance = (-relevance).mean(dim=-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+    cis = torch.zeros((visual_token_num, B, N))
+    di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+    for i in range(visual_token_num):
+        j = torch.argmax(di2s, dim=-1)
+        select_idx[i] = j
+        eis = (
+            kernel[torch.arange(B), j] - torch.einsum("tb,tbn->bn", cis[:i, torch.arange(B), j], cis[:i])
+        ) / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+        cis[i, :, :] = eis
+        di2s -= torch.square(eis)
+        di2s[torch.arange(B), j] = -float("inf")
+    return torch.sort(select_idx.t()).values[0]
+
+
+def visionzip_tokens(
+    hidden_states: torch.Tensor,
+    attn_weights: torch.Tensor,
+    metric: torch.Tensor,
+    dominant_num: int,
+    contextual_num: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`CLIPVisionTower_VisionZip.forward` on one image, transcribed: ((1 + dominant + contextual, C) tokens, the
+    [CLS] first, the dominant patches in raster order, then the contextual tokens; the kept `all_indices`).
+
+    `hidden_states` (1 + N, C) are the feature layer's output, `attn_weights` (heads, 1 + N, 1 + N) its attention,
+    `metric` (1 + N, head_dim) its keys averaged over heads (`raw_key_states.mean(1)`)."""
+    hidden_states, attn_weights, metric = hidden_states[None], attn_weights[None], metric[None]
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1 :]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((1, 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(1, dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(1, hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(
+        1, hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2]
+    )
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    others = ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices)
+    tokens_to_merge = metric_normalized[:, others, :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(1, tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, others, :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    return torch.cat([dominant_tokens, contextual_tokens], dim=1)[0], all_indices[0]

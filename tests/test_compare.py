@@ -10,14 +10,26 @@ import vlmprune
 from eval_data import write_refer
 from vlmprune.cli.main import main
 from vlmprune.cost import TokenSchedule, estimate, get_shape, match_flops
+from vlmprune.cost.match import KNOBS
 
 
-@pytest.mark.parametrize("name", ["fastv", "pdrop", "feather", "random", "uniform", "knn", "btp", "vispruner"])
+@pytest.mark.parametrize("name", sorted(KNOBS))
 def test_matching_finds_each_methods_budget_for_a_target_reduction(name):
     shape = get_shape("prismatic-7b")
     method = match_flops(vlmprune.build_method(name), shape, 0.5)
     reduction = estimate(shape, TokenSchedule.from_method(method, shape), "paper").reduction
     assert reduction == pytest.approx(0.5, abs=0.005)
+
+
+def test_matching_a_whole_number_knob_takes_the_value_closest_to_the_target():
+    shape = get_shape("prismatic-7b")
+
+    def reduction(method):
+        return estimate(shape, TokenSchedule.from_method(method, shape), "paper").reduction
+
+    pooling = vlmprune.build_method("pooling")
+    gaps = {size: abs(reduction(vlmprune.build_method("pooling", size=size)) - 0.8) for size in range(1, 9)}
+    assert match_flops(pooling, shape, 0.8).size == min(gaps, key=gaps.get)
 
 
 def test_matching_pyramid_drop_to_feathers_65_percent_gives_the_papers_lambda():

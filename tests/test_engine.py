@@ -37,6 +37,22 @@ METHOD_CASES = {
         {"keep": 41, "important_ratio": 0.3, "positions": "original"},
     ),
     "vispruner-ratio": ("vispruner", {"keep": None, "ratio": 0.75}),
+    "fastervlm": ("fastervlm", {"keep": 40}),
+    "fastervlm-ratio-original-positions": ("fastervlm", {"keep": None, "ratio": 0.9, "positions": "original"}),
+    "divprune": ("divprune", {}),
+    "divprune-count-original-positions": ("divprune", {"keep": 30, "ratio": None, "positions": "original"}),
+    "dart": ("dart", {}),
+    "dart-layer3-renumbered-no-rope": (
+        "dart",
+        {"layer": 3, "ratio": 0.5, "positions": "renumbered", "key_rope": False},
+    ),
+    "cdpruner": ("cdpruner", {"keep": 40}),
+    "cdpruner-ratio-theta": ("cdpruner", {"keep": None, "ratio": 0.8, "theta": 0.5, "positions": "original"}),
+    "visionzip": ("visionzip", {}),
+    "visionzip-ratio-original-positions": ("visionzip", {"keep": None, "ratio": 0.7, "positions": "original"}),
+    "pooling": ("pooling", {}),
+    "pooling-3x3-vision-features": ("pooling", {"size": 3, "space": "vision_features"}),
+    "pooling-5x5-original-positions": ("pooling", {"size": 5, "positions": "original"}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 

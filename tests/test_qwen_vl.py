@@ -17,6 +17,7 @@ from PIL import Image
 
 import vlmprune
 from vlmprune.engine.compat import find_cache
+from vlmprune.errors import VlmpruneError
 from vlmprune.methods import METHODS
 from vlmprune.reference import pre_llm_greedy, pre_llm_logits, reference_greedy, reference_logits
 from vlmprune.testing.qwen_vl import QWEN_FAMILIES, build_tiny_qwen_processor, build_tiny_qwen_vl
@@ -32,6 +33,9 @@ METHOD_PARAMS = {
     "knn": {"layer": 2, "keep": 8},
     "btp": {"layers": (1, 2, 3, 4)},
     "vispruner": {"keep": None, "ratio": 0.5},
+    "fastervlm": {"keep": None, "ratio": 0.5},
+    "cdpruner": {"keep": None, "ratio": 0.5},
+    "visionzip": {"keep": None, "ratio": 0.5},
 }
 CASES = {name: (name, METHOD_PARAMS.get(name, {})) for name in METHODS}
 CASES |= {
@@ -349,3 +353,16 @@ def test_vision_attention_is_per_image_and_in_token_order(family):
     for image, alone in zip(together, first + second, strict=True):
         torch.testing.assert_close(image, alone, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(image.sum() * 4, torch.tensor(1.0), atol=1e-5, rtol=0)  # 4 patches per token
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_visionzip_merges_in_the_input_embeddings_where_the_patch_merger_cannot_project_one_token(family):
+    model = tiny_model(family, "sdpa")
+    inputs = make_inputs(family, [0])
+    with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("visionzip", keep=8)) as trace:
+        model(**inputs)
+    assert trace.stages[0].merge_space == "hidden"
+    assert any(len(ids) > 1 for ids, _ in trace.stages[0].sources[0])  # contextual tokens merged others
+    method = vlmprune.build_method("visionzip", keep=8, space="vision_features")
+    with pytest.raises(VlmpruneError, match="cannot project again"), vlmprune.prune(model, method):
+        pass

@@ -14,6 +14,11 @@ M-RoPE's 3-D positions) gets none from the references, so the model's own are th
 `generate`'s, from the attention mask. Renumbered positions are each alive token's rank, on every M-RoPE axis.
 Per-token additions to the first layers' outputs (Qwen3-VL's DeepStack) are made by the model itself: in full in
 the masked reference, and for the kept tokens only in the pre-LLM one.
+
+A merging stage before the language model (its trace has `sources`) keeps tokens whose states are weighted sums
+of original tokens: both references compute each such state from the trace's sources and weights (over the input
+embeddings, or over the vision features before the projector, projected again) and put it in place of its
+token's input embedding; the language model itself runs unmodified.
 """
 
 from __future__ import annotations
@@ -53,6 +58,70 @@ def alive_per_layer(model, inputs: dict, trace: Trace) -> list[torch.Tensor]:
                 current[b] &= ~image[b] | keep_image[image_id[b].clamp(min=0)]
         alive.append(current.clone())
     return alive
+
+
+def _merging_stage(trace: Trace):
+    """The trace's merging stage before the language model, or None (a later merging stage is not supported)."""
+    merging = [stage for stage in trace.stages if stage.sources is not None]
+    if merging and (merging[0].layer != 0 or len(merging) > 1):
+        raise ValueError("the references support one merging stage, before the language model (layer 0)")
+    return merging[0] if merging else None
+
+
+def _with_merged(model, inputs: dict, trace: Trace, embeds: torch.Tensor, features) -> torch.Tensor:
+    """`embeds` (batch, seq, hidden) with each merged token's input embedding replaced by its merged state.
+
+    `features` are the vision features the projector got (needed for `merge_space="vision_features"`)."""
+    stage = _merging_stage(trace)
+    if stage is None:
+        return embeds
+    adapter = get_adapter(model)
+    image = adapter.image_token_mask(inputs)
+    embeds = embeds.clone()
+    if stage.merge_space == "vision_features":
+        per_sample = adapter.split_vision_features(features, [int(n) for n in image.sum(dim=1)], inputs)
+    for b, tokens in enumerate(stage.sources):
+        columns = torch.nonzero(image[b]).flatten()
+        for kept, (ids, weights) in zip(stage.kept[b].tolist(), tokens, strict=True):
+            if ids.tolist() == [kept] and weights.tolist() == [1.0]:
+                continue  # a token that merges nothing keeps its own embedding
+            if stage.merge_space == "hidden":
+                state = (weights[:, None] * embeds[b, columns[ids]].float()).sum(dim=0)
+            else:
+                source = per_sample[b][ids]
+                merged = (weights[:, None] * source.float()).sum(dim=0).to(source.dtype)
+                state = adapter.project_vision_features(merged[None])[0]
+            embeds[b, columns[kept]] = state.to(embeds.dtype)
+    return embeds
+
+
+def _capturing_features(adapter, captured: dict):
+    """A hook putting the vision feature module's inputs in `captured["features"]`, its calls stacked on the first
+    axis as the engine stacks them (a prompt's images, then its videos)."""
+
+    def hook(module, args, kwargs):
+        features = args[0] if args else next(iter(kwargs.values()))
+        before = captured.get("features")
+        captured["features"] = features if before is None else torch.cat([before, features.to(before.device)])
+
+    return adapter.vision_feature_module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _substituting(model, inputs: dict, trace: Trace) -> list:
+    """Hooks that put the merged states of `trace` into the decoder stack's input embeddings (none without merging)."""
+    stage = _merging_stage(trace)
+    if stage is None:
+        return []
+    adapter = get_adapter(model)
+    captured = {}
+    handles = [_capturing_features(adapter, captured)] if stage.merge_space == "vision_features" else []
+
+    def hook(module, args, kwargs):
+        kwargs["inputs_embeds"] = _with_merged(model, inputs, trace, kwargs["inputs_embeds"], captured.get("features"))
+        return args, kwargs
+
+    handles.append(adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 def _install(model, alive: list[torch.Tensor], renumber: list[bool]):
@@ -99,7 +168,7 @@ def _position_kwargs(model, attention_mask: torch.Tensor) -> dict[str, torch.Ten
 def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) -> torch.Tensor:
     """(batch, seq, vocab) logits of the masked unpruned model, with the kept sets of `trace`."""
     alive = alive_per_layer(model, inputs, trace)
-    handles = _install(model, alive, renumber)
+    handles = _substituting(model, inputs, trace) + _install(model, alive, renumber)
     try:
         return model(**inputs, **_position_kwargs(model, inputs["attention_mask"]), use_cache=False).logits
     finally:
@@ -115,7 +184,7 @@ def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], ne
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     out = []
     for _ in range(new_tokens):
-        handles = _install(model, alive, renumber)
+        handles = _substituting(model, inputs, trace) + _install(model, alive, renumber)
         try:
             logits = model(
                 input_ids=ids, attention_mask=mask, use_cache=False, **_position_kwargs(model, mask), **extra
@@ -141,9 +210,10 @@ class _Captured(Exception):
     """Stops a forward once the decoder stack's input embeddings are captured."""
 
 
-def _decoder_inputs(model, inputs: dict) -> dict:
+def _decoder_inputs(model, inputs: dict, trace: Trace | None = None) -> dict:
     """What the decoder stack receives: "embeds" (batch, seq, hidden), the text embeddings with the image features
-    merged; "position_ids" ((..., batch, seq), or None); "additions" (`ModelAdapter.take_layer_additions`)."""
+    merged (with a `trace` of a merging stage, its merged tokens' states in place of their embeddings);
+    "position_ids" ((..., batch, seq), or None); "additions" (`ModelAdapter.take_layer_additions`)."""
     captured = {}
     adapter = get_adapter(model)
 
@@ -153,13 +223,18 @@ def _decoder_inputs(model, inputs: dict) -> dict:
         captured["additions"] = adapter.take_layer_additions(dict(kwargs))
         raise _Captured
 
-    handle = get_adapter(model).text_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [adapter.text_model.register_forward_pre_hook(hook, with_kwargs=True)]
+    if adapter.vision_feature_module is not None:
+        handles.append(_capturing_features(adapter, captured))
     try:
         model(**inputs, use_cache=False)
     except _Captured:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    if trace is not None:
+        captured["embeds"] = _with_merged(model, inputs, trace, captured["embeds"], captured.get("features"))
     return captured
 
 
@@ -168,7 +243,7 @@ def _kept_inputs(model, inputs: dict, trace: Trace, renumber: bool) -> list[tupl
     per-layer additions as (mask (1, n), [(rows, hidden) per layer]) or None)."""
     if len(trace.stages) != 1 or trace.stages[0].layer != 0:
         raise ValueError("the pre-LLM reference needs a trace with one stage, at layer 0")
-    captured = _decoder_inputs(model, inputs)
+    captured = _decoder_inputs(model, inputs, trace)
     embeds = captured["embeds"]
     image = get_adapter(model).image_token_mask(inputs)
     image_id = torch.where(image, image.long().cumsum(1) - 1, -1)

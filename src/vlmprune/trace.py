@@ -58,6 +58,12 @@ class StageRecord:
         n_before: per sample, image tokens present just before this stage.
         scoring_layer: the decoder layer whose queries and keys scored the tokens (None if no LLM score).
         timer: when the stage started and ended, on the device's own clock (`seconds` reads it).
+        merge_space: for a merging stage, where the kept tokens were merged ("hidden": the stage's hidden
+            states; "vision_features": the vision features before the projector, projected again); else None.
+        merge_weights: for a merging stage, (batch, max kept, m) float32 on the model's device: row k of sample b
+            holds the weight of each of the stage's m image slots in its k-th kept token's new state (0 past
+            `n_kept[b]`); `sources` reads it.
+        merge_ids: (batch, m) the image-token index of each of those slots (-1 for padding).
     """
 
     layer: int
@@ -68,6 +74,9 @@ class StageRecord:
     n_before: list[int]
     scoring_layer: int | None = None
     timer: StageTimer | None = field(default=None, repr=False, compare=False)
+    merge_space: str | None = None
+    merge_weights: torch.Tensor | None = field(default=None, repr=False)
+    merge_ids: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def seconds(self) -> float:
@@ -80,6 +89,22 @@ class StageRecord:
         the original grid; with several images, the images' tokens are numbered one after another)."""
         host = self.kept_ids.cpu()
         return [host[b, :n] for b, n in enumerate(self.n_kept)]
+
+    @functools.cached_property
+    def sources(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """For a merging stage, per sample and per kept token (in `kept` order): the image-token indices that fed
+        it and their weights, as two 1-D CPU tensors; None for a stage that keeps a subset."""
+        if self.merge_weights is None:
+            return None
+        weights, ids = self.merge_weights.float().cpu(), self.merge_ids.cpu()
+        out = []
+        for b, n in enumerate(self.n_kept):
+            per_token = []
+            for k in range(n):
+                fed = torch.nonzero(weights[b, k]).flatten()
+                per_token.append((ids[b, fed], weights[b, k, fed]))
+            out.append(per_token)
+        return out
 
 
 @dataclass
@@ -131,6 +156,16 @@ class Trace:
                     "n_before": s.n_before,
                     "scoring_layer": s.scoring_layer,
                     "seconds": s.seconds,
+                    **(
+                        {
+                            "merge_space": s.merge_space,
+                            "sources": [
+                                [{"ids": i.tolist(), "weights": w.tolist()} for i, w in sample] for sample in s.sources
+                            ],
+                        }
+                        if s.sources is not None
+                        else {}
+                    ),
                 }
                 for s in self.stages
             ],
@@ -147,5 +182,6 @@ class Trace:
         for i, stage in enumerate(self.stages):
             counts = ", ".join(f"{k}/{n}" for k, n in zip(stage.n_kept, stage.n_before, strict=True))
             where = " (before the language model; the projector ran on every image token)" if stage.layer == 0 else ""
-            lines.append(f"stage {i}: before layer {stage.layer}{where}, kept {counts} image tokens")
+            kind = f"merged into {counts} image tokens" if stage.sources is not None else f"kept {counts} image tokens"
+            lines.append(f"stage {i}: before layer {stage.layer}{where}, {kind}")
         return "\n".join(lines)

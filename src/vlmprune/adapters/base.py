@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-__all__ = ["ModelAdapter", "vit_attention"]
+__all__ = ["ModelAdapter", "vit_attention", "vit_keys"]
 
 
 class ModelAdapter(ABC):
@@ -75,6 +75,22 @@ class ModelAdapter(ABC):
         """
         raise NotImplementedError(f"{self.family} models expose no vision-encoder attention")
 
+    def vision_keys(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """(images, image tokens of one image, head_dim) float32 keys of `layer` (the `vision_attention_layer`)
+        averaged over heads, from its input `hidden` and keyword arguments `layer_kwargs` (as for `vision_attention`);
+        image tokens only (VisionZip's `metric`)."""
+        raise NotImplementedError(f"{self.family} models expose no vision-encoder keys")
+
+    # Whether `project_vision_features` maps one token's merged vision features to its input embedding.
+    projects_vision_features: ClassVar[bool] = True
+
+    def project_vision_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) the language model's input embeddings of vision features (..., channels) taken before
+        the projector (a merging criterion's merged features); by default the `vision_feature_module` itself."""
+        if self.vision_feature_module is None:
+            raise NotImplementedError(f"{self.family} models expose no projector of vision features")
+        return self.vision_feature_module.forward(features)  # not a call: no capture hook may see these
+
     @property
     def layers(self) -> nn.ModuleList:
         return self.text_model.layers
@@ -127,6 +143,12 @@ class ModelAdapter(ABC):
         """
         flat = features.reshape(-1, features.shape[-1])
         return list(torch.split(flat, n_image_tokens))
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The decoder stack's norm after its last layer (`norm` in transformers' decoders), or None (DART reads
+        hidden states through it)."""
+        return getattr(self.text_model, "norm", None)
 
     # Queries, keys and positions ---------------------------------------------------------------------------
 
@@ -248,6 +270,15 @@ def vit_attention(
             q = heads(attn.q_proj(rows[:, start : start + chunk]))
             received += torch.softmax(q @ keys.transpose(-1, -2) * attn.scale, dim=-1).sum(dim=2)
         return (received / rows.shape[1]).mean(dim=1)
+
+
+def vit_keys(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(images, tokens, head_dim) float32 keys of a pre-norm ViT layer (CLIP, SigLIP) for its input `hidden`
+    (images, tokens, width), averaged over heads: VisionZip's `raw_key_states.mean(1)`, before any scaling."""
+    attn = layer.self_attn
+    with torch.no_grad():
+        keys = attn.k_proj(layer.layer_norm1(hidden))
+        return keys.view(*keys.shape[:2], -1, attn.head_dim).float().mean(dim=2)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

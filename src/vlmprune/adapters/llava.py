@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlmprune.adapters.base import ModelAdapter, vit_attention
+from vlmprune.adapters.base import ModelAdapter, vit_attention, vit_keys
 from vlmprune.errors import UnsupportedModelError
 
 __all__ = ["LlavaAdapter"]
@@ -71,6 +71,10 @@ class LlavaAdapter(ModelAdapter):
     def vision_attention(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
         received = vit_attention(layer, hidden, "first" if self.has_cls else "mean")
         return received[:, 1:] if self._drop_first_column else received
+
+    def vision_keys(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
+        keys = vit_keys(layer, hidden)
+        return keys[:, 1:] if self._drop_first_column else keys
 
     def image_token_mask(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return inputs["input_ids"] == self.image_token_id

@@ -47,6 +47,8 @@ _QUERY_CHUNK = 256  # vision query rows scored at once
 class QwenVLAdapter(ModelAdapter):
     """Common layout of the Qwen-VL families (see the module docstring)."""
 
+    # the patch merger takes 2x2 patch groups: one merged token's features cannot be projected alone
+    projects_vision_features: ClassVar[bool] = False
     image_arguments: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
     computes_positions: ClassVar[bool] = True
 
@@ -155,6 +157,14 @@ class QwenVLAdapter(ModelAdapter):
                 received += torch.softmax(scores.masked_fill(~same_image, float("-inf")), dim=-1).sum(dim=1)
             queries = (bounds[1:] - bounds[:-1])[image_of]  # each patch's image's patch count
             return (received / queries).mean(dim=0)
+
+    def vision_keys(self, layer: nn.Module, hidden: torch.Tensor, layer_kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """(patches, head_dim) float32: `layer`'s keys of each patch before the rotary embedding, averaged over the
+        heads (content only, as VisionZip's CLIP keys); `split_vision_features` merges them to the token grid."""
+        attn = layer.attn
+        with torch.no_grad():
+            qkv = attn.qkv(layer.norm1(hidden)).reshape(hidden.shape[0], 3, attn.num_heads, -1)
+            return qkv[:, 1].float().mean(dim=1)
 
     def split_vision_features(
         self,

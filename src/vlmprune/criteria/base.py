@@ -18,11 +18,22 @@ import torch
 from vlmprune.errors import VlmpruneError
 from vlmprune.tensors import on_device
 
-__all__ = ["AttentionFn", "Criterion", "ScoredCriterion", "SelectionContext", "keep_top", "kept_positions"]
+__all__ = [
+    "AttentionFn",
+    "Criterion",
+    "MergeSpace",
+    "ScoredCriterion",
+    "SelectionContext",
+    "keep_top",
+    "kept_positions",
+]
 
 QueryPolicy = Literal["last", "text_mean", "all"]
 SoftmaxDomain = Literal["sequence", "image", "none"]
 ScoreDtype = Literal["model", "float32"]
+# "auto": the vision features where the model can project them again (`ModelAdapter.projects_vision_features`),
+# else the hidden states
+MergeSpace = Literal["hidden", "vision_features", "auto"]
 AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool, ScoreDtype], torch.Tensor]
 
 
@@ -40,6 +51,12 @@ class SelectionContext:
         stage_index: 0-based index of the stage being run (seeds per-stage randomness).
         hidden_states_fn: returns the stage layer's input hidden states of the image slots, (batch, m, hidden);
             read through `hidden_states()`.
+        instruction_fn: returns the stage layer's input rows (batch, n, hidden) and which of them are the
+            instruction (batch, n) bool; read through `instruction()`.
+        keys_fn: returns the scoring layer's keys of the image slots and of every row; read through `keys()`.
+        final_norm_fn: the language model's final norm (the one before its head); read through `final_norm()`.
+        vision_keys_fn: per sample, (N_b, head_dim) the vision-encoder keys (mean over heads) at the layer whose
+            attention `vision_attention` reads; read through `vision_keys()`.
     """
 
     image_ids: torch.Tensor
@@ -51,6 +68,10 @@ class SelectionContext:
     vision_features_fn: Callable[[], list[torch.Tensor]] | None = None
     hidden_states_fn: Callable[[], torch.Tensor] | None = None
     vision_attention_fn: Callable[[], list[torch.Tensor]] | None = None
+    instruction_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    keys_fn: Callable[[bool], tuple[torch.Tensor, torch.Tensor]] | None = None
+    final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    vision_keys_fn: Callable[[], list[torch.Tensor]] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -110,6 +131,20 @@ class SelectionContext:
             self._cache["vision"] = torch.gather(features, 1, index)
         return self._cache["vision"]
 
+    def vision_keys(self) -> torch.Tensor:
+        """(batch, m, head_dim) float32 vision-encoder keys of the present image tokens, averaged over heads, at the
+        layer `vision_attention` reads (VisionZip's `metric`); padding slots hold token 0's."""
+        if self.vision_keys_fn is None:
+            raise VlmpruneError(
+                "the vision encoder's keys were not captured: this criterion needs the model to encode the images "
+                "(pixel_values) in the same forward as the prompt"
+            )
+        if "vision_keys" not in self._cache:
+            keys = torch.nn.utils.rnn.pad_sequence(list(self.vision_keys_fn()), batch_first=True)
+            index = self.image_ids.clamp(min=0).unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+            self._cache["vision_keys"] = torch.gather(keys.to(self.image_ids.device).float(), 1, index)
+        return self._cache["vision_keys"]
+
     def hidden_states(self) -> torch.Tensor:
         """(batch, m, hidden) the hidden states of the present image tokens entering the stage's layer.
 
@@ -121,6 +156,35 @@ class SelectionContext:
         if "hidden" not in self._cache:
             self._cache["hidden"] = self.hidden_states_fn()
         return self._cache["hidden"]
+
+    def instruction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instruction's hidden states entering the stage's layer: (rows (batch, n, hidden), mask (batch, n)).
+
+        `rows` are every row of the current sequence (text, image and padding); `mask` marks the instruction, the
+        text rows after each sample's last image token (the prompt's question and what follows it; the last row
+        when no text follows the image). At a stage before the language model these are the input embeddings.
+        """
+        if self.instruction_fn is None:
+            raise RuntimeError("this context holds no instruction rows (built outside a stage)")
+        if "instruction" not in self._cache:
+            self._cache["instruction"] = self.instruction_fn()
+        return self._cache["instruction"]
+
+    def keys(self, rope: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scoring layer's keys, heads concatenated: (image slots (batch, m, heads·head_dim), every row of the
+        current sequence (batch, n, heads·head_dim)), rows as in `instruction()`; RoPE applied with `rope`.
+
+        Keys are repeated to the number of query heads (GQA), so norms compare across models alike."""
+        if self.keys_fn is None:
+            raise RuntimeError("this stage has no scoring layer: the criterion needs LLM keys")
+        key = ("keys", rope)
+        if key not in self._cache:
+            self._cache[key] = self.keys_fn(rope)
+        return self._cache[key]
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` (..., hidden) through the language model's final norm (identity if the model has none)."""
+        return hidden if self.final_norm_fn is None else self.final_norm_fn(hidden)
 
     def vision_attention(self) -> torch.Tensor:
         """(batch, m) float32 vision-encoder attention each present image token receives (see
@@ -152,11 +216,18 @@ class Criterion(ABC):
     """Chooses which present image tokens a stage keeps.
 
     `requires` names the inputs the engine must capture: "attention" (queries and keys of the scoring
-    layer), "vision_features" (the vision encoder's features before the projector) and/or "vision_attention"
-    (the attention image tokens receive in the vision encoder, `ModelAdapter.vision_attention`).
+    layer), "vision_features" (the vision encoder's features before the projector), "vision_attention"
+    (the attention image tokens receive in the vision encoder, `ModelAdapter.vision_attention`) and/or
+    "vision_keys" (that layer's keys, `ModelAdapter.vision_keys`).
+
+    A merging criterion sets `merges` and implements `merge_weights`: each kept token's new state is then a
+    weighted sum of the stage's image tokens, in the stage's hidden states (`"hidden"`) or, before the language
+    model, in the vision features before the projector, projected again (`"vision_features"`), or the first where
+    the model's adapter can project merged features and the second elsewhere (`"auto"`).
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    merges: ClassVar[MergeSpace | None] = None
 
     @abstractmethod
     def select(self, ctx: SelectionContext, budgets: list[int]) -> torch.Tensor:
@@ -165,6 +236,12 @@ class Criterion(ABC):
         `budgets[b]` is the stage's token budget for sample b; criteria that fix their own count (a uniform
         grid with a stride, an ensemble without top-up) may keep a different number.
         """
+
+    def merge_weights(self, ctx: SelectionContext, budgets: list[int], keep: torch.Tensor) -> torch.Tensor:
+        """(batch, m, m) float32: row i of a kept slot i holds the weight of each slot j in its new state (rows of
+        slots not kept are ignored); `keep` is what `select` returned. Only merging criteria (`merges`) implement
+        it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps a subset of the tokens and merges none")
 
     def counts(self, ctx: SelectionContext, budgets: list[int]) -> list[int] | None:
         """Per sample, how many tokens `select` keeps, if known on the host without reading its result.

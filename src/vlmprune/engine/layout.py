@@ -64,6 +64,15 @@ class Layout:
         """
         return compact(self.image_id >= 0, self.n_image)
 
+    def instruction_rows(self) -> torch.Tensor:
+        """(batch, n) bool: the text rows after each sample's last image token (the prompt's instruction); the last
+        real row when no text follows the image. Computed on the device, nothing read on the host."""
+        cols = torch.arange(self.valid.shape[1], device=self.valid.device)
+        last = torch.where(self.valid, cols, -1).max(dim=1, keepdim=True).values
+        after = torch.where(self.image_id >= 0, cols, -1).max(dim=1, keepdim=True).values
+        text = self.valid & (self.image_id < 0) & (cols > after)
+        return text | (~text.any(dim=1, keepdim=True) & (cols == last))
+
 
 def compact(mask: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, max(counts)) columns where `mask` (batch, n) is True, ascending, left-aligned, and their validity.

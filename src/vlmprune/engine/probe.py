@@ -164,10 +164,18 @@ class AttentionProbe:
         last = torch.where(layout.valid, cols, -1).max(dim=1).values
         if query == "last":
             return last[:, None], torch.ones_like(last[:, None], dtype=torch.bool)
-        after = torch.where(image_valid, image_cols, -1).max(dim=1, keepdim=True).values
-        text = layout.valid & (layout.image_id < 0) & (cols > after)
-        text |= ~text.any(dim=1, keepdim=True) & (cols == last[:, None])  # no text after the image: the last row
+        text = layout.instruction_rows()  # the text after the last image (no text there: the last row)
         return compact(text, text.sum(dim=1).tolist())
+
+    def keys(self, rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys, heads concatenated: (image slots (batch, m, heads·head_dim), rows (batch, n, ...)).
+
+        Keys are repeated to the query heads (GQA); `rope` applies the rows' rotary embeddings."""
+        batch, n = self.layout.valid.shape
+        rows = torch.arange(n, device=self.hidden.device).expand(batch, n)
+        keys = self._project("k", rows, rope).transpose(1, 2).flatten(2)  # (batch, n, heads * head_dim)
+        image_cols, _ = self.layout.image_slots()
+        return gather_rows(keys, image_cols), keys
 
     def _project(self, which: str, cols: torch.Tensor, rope: bool) -> torch.Tensor:
         x = self.adapter.normed_input(self.layer, gather_rows(self.hidden, cols))

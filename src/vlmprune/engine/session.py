@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmprune.adapters.base import ModelAdapter
-from vlmprune.criteria.base import SelectionContext
+from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.criteria.scope import BUDGET_SCOPES, BudgetScope, select_per_image
 from vlmprune.engine.compat import (
     LAYER_ARGUMENTS,
@@ -63,6 +63,7 @@ class _Prefill:
     # row in the additions (batch, L), -1 for none; and per layer, the (rows, hidden) additions.
     addition_row: torch.Tensor | None = None
     additions: list[torch.Tensor] = field(default_factory=list)
+    vision_keys: torch.Tensor | None = None  # (images, image tokens per image, head_dim), `adapter.vision_keys`
     probes: dict[int, AttentionProbe] = field(default_factory=dict)
     capacity: int | None = None  # a static cache's length per layer (keys beyond what it holds are unused)
     decoding: bool = False  # a decode step has run on this prefill's cache
@@ -115,6 +116,7 @@ class PruningSession:
         self._new_images = False  # whether the current multimodal call got images: a new prompt, not a decode step
         self._vision_features: torch.Tensor | None = None
         self._vision_attention: torch.Tensor | None = None
+        self._vision_keys: torch.Tensor | None = None
         self._run: _Prefill | None = None
         self._validate()
         depth = adapter.num_layers
@@ -144,11 +146,18 @@ class PruningSession:
                 )
         if self._captures_features() and self.adapter.vision_feature_module is None:
             raise VlmpruneError(f"{self.adapter.family} models expose no vision features for this criterion")
-        if self._needs("vision_attention") and self.adapter.vision_attention_layer is None:
+        if self._needs_vision_layer() and self.adapter.vision_attention_layer is None:
             raise VlmpruneError(
                 f"this {self.adapter.family} model exposes no vision-encoder attention layer for this criterion "
                 "(features taken from several vision layers, or from the embeddings)"
             )
+        for stage in self.stages:
+            if stage.criterion.merges == "vision_features" and not self.adapter.projects_vision_features:
+                raise VlmpruneError(
+                    f"{type(self.method).__name__} merges vision features before the projector, which "
+                    f"{self.adapter.family} models cannot project again token by token; merge in the hidden states "
+                    "(space='hidden' or 'auto')"
+                )
 
     def install(self) -> None:
         if self.model in _ACTIVE:
@@ -166,7 +175,7 @@ class PruningSession:
             self._handles.append(adapter.text_model.register_forward_hook(self._after_text_model))
             if self._captures_features():
                 self._hook(adapter.vision_feature_module, self._on_vision_features)
-            if self._needs("vision_attention"):
+            if self._needs_vision_layer():
                 self._hook(adapter.vision_attention_layer, self._on_vision_attention)
             for i in range(self._first_hooked_layer, adapter.num_layers):
                 self._hook(adapter.layers[i], self._layer_hook(i))
@@ -187,15 +196,18 @@ class PruningSession:
         self._new_images = False
         self._vision_features = None
         self._vision_attention = None
+        self._vision_keys = None
 
     def _needs(self, capture: str) -> bool:
         return any(capture in s.criterion.requires for s in self.stages)
 
     def _captures_features(self) -> bool:
-        """Whether the vision features are captured: a criterion reads them, or the adapter maps attention with them."""
-        return self._needs("vision_features") or (
-            self._needs("vision_attention") and self.adapter.attention_needs_features
-        )
+        """Whether the vision features are captured: a criterion reads them, or the adapter maps the vision layer's
+        attention or keys with them."""
+        return self._needs("vision_features") or (self._needs_vision_layer() and self.adapter.attention_needs_features)
+
+    def _needs_vision_layer(self) -> bool:
+        return self._needs("vision_attention") or self._needs("vision_keys")
 
     def _hook(self, module: nn.Module, fn: Any) -> None:
         self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
@@ -214,7 +226,12 @@ class PruningSession:
 
     def _on_vision_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
-        self._vision_attention = _stacked(self._vision_attention, self.adapter.vision_attention(module, hidden, kwargs))
+        if self._needs("vision_attention"):
+            self._vision_attention = _stacked(
+                self._vision_attention, self.adapter.vision_attention(module, hidden, kwargs)
+            )
+        if self._needs("vision_keys"):
+            self._vision_keys = _stacked(self._vision_keys, self.adapter.vision_keys(module, hidden, kwargs))
 
     def _on_text_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         embeds = kwargs.get("inputs_embeds")
@@ -320,7 +337,7 @@ class PruningSession:
         self.trace.image_tokens_per_layer = torch.tensor([layout.n_image for layout in layouts]).T
         self.trace.output_index = run.current.source
         run.probes.clear()
-        run.vision_features = run.vision_attention = None
+        run.vision_features = run.vision_attention = run.vision_keys = None
         run.additions, run.addition_row = [], None  # added once, in the prefill
         run.inputs = {}
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
@@ -377,8 +394,9 @@ class PruningSession:
             vision_features=self._vision_features,
             capacity=static_capacity(cache),
             vision_attention=self._vision_attention,
+            vision_keys=self._vision_keys,
         )
-        self._vision_features = self._vision_attention = None
+        self._vision_features = self._vision_attention = self._vision_keys = None
 
     def _apply_stage(self, s: int, hidden: torch.Tensor) -> torch.Tensor:
         """Runs stage `s` on the current rows; returns the kept rows of `hidden` and appends the new layout.
@@ -392,16 +410,21 @@ class PruningSession:
         image_cols, present = layout.image_slots()  # (batch, m)
         image_ids = torch.gather(layout.image_id, 1, image_cols).masked_fill(~present, -1)
         budgets = [stage.budget.resolve(n, c) for n, c in zip(run.n_image, layout.n_image, strict=True)]
+        probe = run.probes.pop(s, None)
         ctx = SelectionContext(
             image_ids=image_ids,
             counts=list(layout.n_image),
             image_grids=run.image_grids,
             n_original=run.n_image,
             stage_index=s,
-            attention_fn=run.probes.pop(s, None),
+            attention_fn=probe,
             vision_features_fn=self._vision_features_of(run) if run.vision_features is not None else None,
             hidden_states_fn=lambda: gather_rows(hidden, image_cols),
             vision_attention_fn=self._vision_attention_of(run) if run.vision_attention is not None else None,
+            instruction_fn=lambda: (hidden, layout.instruction_rows()),
+            keys_fn=probe.keys if probe is not None else None,
+            final_norm_fn=self.adapter.final_norm,
+            vision_keys_fn=self._vision_keys_of(run) if run.vision_keys is not None else None,
         )
         if self.budget_scope == "per_image":
             keep, n_kept = select_per_image(stage.criterion, ctx, budgets)
@@ -413,9 +436,16 @@ class PruningSession:
             n_kept = keep.sum(dim=1).tolist()
         new, index = self._reduced_layout(layout, image_cols, keep, n_kept, stage, hidden)
         run.layouts.append(new)
-        kept_hidden = gather_rows(hidden, index)
         kept_slots, kept_valid = compact(keep, n_kept)
         kept_ids = torch.gather(image_ids, 1, kept_slots).masked_fill(~kept_valid, -1)
+        merge_weights = None
+        space = self._merge_space(stage.criterion)
+        if space is not None:
+            weights = stage.criterion.merge_weights(ctx, budgets, keep)  # (batch, m, m), rows of the kept slots
+            hidden = self._merged(hidden, image_cols, keep, weights, space, ctx)
+            merge_weights = torch.gather(weights, 1, kept_slots[:, :, None].expand(-1, -1, weights.shape[2]))
+            merge_weights = merge_weights.masked_fill(~kept_valid[:, :, None], 0.0)
+        kept_hidden = gather_rows(hidden, index)
         timer.stop()
         self.trace.stages.append(
             StageRecord(
@@ -427,9 +457,45 @@ class PruningSession:
                 n_before=list(layout.n_image),
                 scoring_layer=stage.scoring_layer if stage.needs_attention else None,
                 timer=timer,
+                merge_space=space,
+                merge_weights=merge_weights,
+                merge_ids=image_ids if merge_weights is not None else None,
             )
         )
         return kept_hidden
+
+    def _merge_space(self, criterion: Criterion) -> str | None:
+        """Where `criterion` merges on this model ("auto" resolved), or None if it keeps a subset."""
+        if criterion.merges == "auto":
+            return "vision_features" if self.adapter.projects_vision_features else "hidden"
+        return criterion.merges
+
+    def _merged(
+        self,
+        hidden: torch.Tensor,
+        image_cols: torch.Tensor,
+        keep: torch.Tensor,
+        weights: torch.Tensor,
+        space: str,
+        ctx: SelectionContext,
+    ) -> torch.Tensor:
+        """`hidden` with each kept image row that merges others replaced by its merged state: `weights` (batch, m, m)
+        times the slots' hidden states, or (`space="vision_features"`) the projection of `weights` times their vision
+        features."""
+        rows = gather_rows(hidden, image_cols)  # (batch, m, hidden)
+        if space == "hidden":
+            merged = (weights @ rows.float()).to(hidden.dtype)
+        else:
+            features = ctx.vision_features()
+            merged = self.adapter.project_vision_features((weights @ features.float()).to(features.dtype))
+        # a kept token that merges nothing keeps its own row (a projection of resampled features may differ from it)
+        identity = torch.diag_embed(torch.ones_like(weights[..., 0]))
+        merging = keep & (weights != identity).any(dim=-1)
+        rows = torch.where(merging[:, :, None], merged.to(hidden.dtype), rows)
+        batch, n, width = hidden.shape
+        spare = image_cols.masked_fill(~ctx.present, n)  # padding slots write to a spare row, then dropped
+        widened = torch.cat([hidden, hidden.new_zeros(batch, 1, width)], dim=1)
+        return widened.scatter(1, spare[:, :, None].expand(-1, -1, width), rows)[:, :n]
 
     def _reduced_layout(
         self,
@@ -501,6 +567,12 @@ class PruningSession:
             return self.adapter.split_vision_features(run.vision_features, run.n_image, run.inputs)
 
         return features
+
+    def _vision_keys_of(self, run: _Prefill) -> Any:
+        def keys() -> list[torch.Tensor]:  # per sample, (N_b, head_dim) in image-token order
+            return self.adapter.split_vision_features(run.vision_keys, run.n_image, run.inputs, run.vision_features)
+
+        return keys
 
     def _vision_attention_of(self, run: _Prefill) -> Any:
         def attention() -> list[torch.Tensor]:  # per sample, (N_b,) in image-token order

@@ -278,6 +278,7 @@ def _generate(model, processor, fmt, ready, fill, device, config, trace) -> None
         if trace is not None and trace.stages:
             record["stages"] = [
                 {"layer": s.layer, "grid": list(s.grid), "kept": s.kept[b].tolist(), "n_before": s.n_before[b]}
+                | ({"merged": [ids.tolist() for ids, _ in s.sources[b]]} if s.sources is not None else {})
                 for s in trace.stages
             ]
             record["tokens_per_layer"] = trace.tokens_per_layer[b].tolist()

@@ -9,25 +9,37 @@ import typing
 from vlmprune.errors import BudgetError, LayerError, ParameterError, UnknownMethodError, VlmpruneError
 from vlmprune.methods.base import Method
 from vlmprune.methods.btp import BalancedTokenPruning
+from vlmprune.methods.cdpruner import CDPruner
+from vlmprune.methods.dart import DART
+from vlmprune.methods.divprune import DivPrune
+from vlmprune.methods.fastervlm import FasterVLM
 from vlmprune.methods.fastv import FastV
 from vlmprune.methods.feather import Feather
 from vlmprune.methods.knn_prune import KnnPrune
+from vlmprune.methods.pooling import Pooling
 from vlmprune.methods.pyramid_drop import PyramidDrop
 from vlmprune.methods.random_prune import RandomPrune
 from vlmprune.methods.uniform_prune import UniformPrune
+from vlmprune.methods.visionzip import VisionZip
 from vlmprune.methods.vispruner import VisPruner
 
 __all__ = [
+    "DART",
     "METHODS",
     "BalancedTokenPruning",
+    "CDPruner",
+    "DivPrune",
     "FastV",
+    "FasterVLM",
     "Feather",
     "KnnPrune",
     "Method",
+    "Pooling",
     "PyramidDrop",
     "RandomPrune",
     "UniformPrune",
     "VisPruner",
+    "VisionZip",
     "build_method",
     "list_methods",
     "method_parameters",
@@ -35,7 +47,22 @@ __all__ = [
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (FastV, PyramidDrop, Feather, RandomPrune, UniformPrune, KnnPrune, BalancedTokenPruning, VisPruner)
+    for cls in (
+        FastV,
+        PyramidDrop,
+        Feather,
+        RandomPrune,
+        UniformPrune,
+        KnnPrune,
+        BalancedTokenPruning,
+        VisPruner,
+        FasterVLM,
+        DivPrune,
+        DART,
+        CDPruner,
+        VisionZip,
+        Pooling,
+    )
 }
 
 

@@ -12,7 +12,7 @@ from vlmprune.budget import Keep, Rounding
 from vlmprune.criteria.base import Criterion
 from vlmprune.stage import Stage
 
-__all__ = ["PARAMETER_HELP", "Method", "OneStageMethod"]
+__all__ = ["PARAMETER_HELP", "Method", "OneStageMethod", "PreLLMMethod"]
 
 # One line per method parameter, shared by every method that has it (`vlmprune methods` prints them).
 PARAMETER_HELP: dict[str, str] = {
@@ -45,6 +45,16 @@ PARAMETER_HELP: dict[str, str] = {
     "spatial_metric": "BTP: grid distance of the spatial start, 'manhattan' (code) or 'euclidean'",
     "important_ratio": "VisPruner's r: the budget's share chosen by vision-encoder attention, the rest for diversity",
     "per_sample": "each sample of a batch draws its own random scores (otherwise a sample draws the same alone)",
+    "pivot_image": "DART: image pivots, the image tokens with the largest key L1 norm (kept, on top of the budget)",
+    "pivot_text": "DART: text pivots, the instruction tokens with the largest key L1 norm",
+    "key_rope": "DART: rotary embeddings on the keys whose L1 norm picks the pivots",
+    "final_norm": "DART: compare hidden states after the language model's final norm, as its code does",
+    "negate_relevance": "CDPruner: relevance is minus the mean image-instruction cosine, as its code computes it",
+    "contextual_share": "VisionZip: the budget's share of contextual (merged) tokens; the rest are dominant tokens",
+    "size": "pooling: the side of the square window averaged into one token (2: a quarter of the tokens)",
+    "space": "merging in the stage's hidden states ('hidden'), the vision features before the projector "
+    "('vision_features'), or the second where the model can project them again, else the first ('auto')",
+    "theta": "CDPruner: relevance exp(theta/(2(1-theta)) r) (its code's commented option); None: r itself",
 }
 
 
@@ -128,3 +138,48 @@ class OneStageMethod(Method):
                 positions=self.positions,
             )
         ]
+
+
+@dataclass
+class PreLLMMethod(Method):
+    """A method that prunes once, before the language model (a stage at layer 0), to `keep` tokens or `1 - ratio`.
+
+    Exactly one of `keep` (image tokens kept per prompt, a count) and `ratio` (the fraction dropped, rounded as
+    the official code rounds: `rounding`) is given. Pruning before the language model spends no decoder layer
+    or cache entry on a dropped token; the kept tokens stay in order and, as the official codes that mask the
+    projected features do, their positions are renumbered consecutively (`positions="original"` keeps each
+    one's position id). Subclasses redeclare fields to change defaults and say which criterion chooses.
+    """
+
+    keep: int | None = 128
+    ratio: float | None = None
+    positions: Literal["original", "renumbered"] = "renumbered"
+
+    rounding: ClassVar[Rounding] = "int"
+
+    def __post_init__(self) -> None:
+        if self.keep is None and self.ratio is None:
+            raise ValueError("give keep (image tokens kept) or ratio (fraction dropped), got neither")
+        if self.keep is not None and self.ratio is not None:
+            raise ValueError(
+                f"give keep (image tokens kept) or ratio (fraction dropped), not both: got keep={self.keep}, "
+                f"ratio={self.ratio} (set keep=None to use ratio)"
+            )
+        if self.keep is not None and self.keep < 0:
+            raise ValueError(f"keep (image tokens kept) must be >= 0, got {self.keep}")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio (fraction of image tokens dropped) must be in [0, 1), got {self.ratio}")
+        if self.positions not in ("original", "renumbered"):
+            raise ValueError(f"positions must be 'original' or 'renumbered', got {self.positions!r}")
+
+    @abstractmethod
+    def criterion(self) -> Criterion:
+        """What chooses the kept tokens."""
+
+    def budget(self) -> Keep:
+        if self.keep is not None:
+            return Keep.count(self.keep)
+        return Keep.fraction_of_original(1.0 - self.ratio, rounding=self.rounding)
+
+    def stages(self) -> list[Stage]:
+        return [Stage(layer=0, criterion=self.criterion(), budget=self.budget(), positions=self.positions)]

@@ -4,18 +4,16 @@ VLMs", ICCV 2025, arXiv 2412.01818)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
-from vlmprune.budget import Keep
-from vlmprune.criteria import ImportantDiverse
-from vlmprune.methods.base import Method
-from vlmprune.stage import Stage
+from vlmprune.criteria import Criterion, ImportantDiverse
+from vlmprune.methods.base import PreLLMMethod
 
 __all__ = ["VisPruner"]
 
 
 @dataclass
-class VisPruner(Method):
+class VisPruner(PreLLMMethod):
     """VisPruner: important tokens by the vision encoder's attention, then diverse ones, before the language model.
 
     Official code: Theia-4869/VisPruner `llava/model/llava_arch.py::encode_images` and
@@ -47,29 +45,12 @@ class VisPruner(Method):
     name: ClassVar[str] = "vispruner"
     paper: ClassVar[str] = "VisPruner, Zhang et al., ICCV 2025 (arXiv 2412.01818)"
 
-    keep: int | None = 128
-    ratio: float | None = None
     important_ratio: float = 0.5
-    positions: Literal["original", "renumbered"] = "renumbered"
 
     def __post_init__(self) -> None:
-        if self.keep is None and self.ratio is None:
-            raise ValueError("give keep (image tokens kept) or ratio (fraction dropped), got neither")
-        if self.keep is not None and self.ratio is not None:
-            raise ValueError(
-                f"give keep (image tokens kept) or ratio (fraction dropped), not both: got keep={self.keep}, "
-                f"ratio={self.ratio} (set keep=None to use ratio)"
-            )
-        if self.keep is not None and self.keep < 0:
-            raise ValueError(f"keep (image tokens kept) must be >= 0, got {self.keep}")
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio (fraction of image tokens dropped) must be in [0, 1), got {self.ratio}")
+        super().__post_init__()
         if not 0.0 <= self.important_ratio <= 1.0:
             raise ValueError(f"important_ratio must be in [0, 1], got {self.important_ratio}")
-        if self.positions not in ("original", "renumbered"):
-            raise ValueError(f"positions must be 'original' or 'renumbered', got {self.positions!r}")
 
-    def stages(self) -> list[Stage]:
-        budget = Keep.count(self.keep) if self.keep is not None else Keep.fraction_of_original(1.0 - self.ratio)
-        criterion = ImportantDiverse(important_ratio=self.important_ratio)
-        return [Stage(layer=0, criterion=criterion, budget=budget, positions=self.positions)]
+    def criterion(self) -> Criterion:
+        return ImportantDiverse(important_ratio=self.important_ratio)

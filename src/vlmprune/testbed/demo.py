@@ -19,14 +19,20 @@ import torch
 from vlmprune.cost import TokenSchedule, estimate, match_flops, shape_from_config
 from vlmprune.engine import prune
 from vlmprune.methods import (
+    DART,
     BalancedTokenPruning,
+    CDPruner,
+    DivPrune,
+    FasterVLM,
     FastV,
     Feather,
     KnnPrune,
     Method,
+    Pooling,
     PyramidDrop,
     RandomPrune,
     UniformPrune,
+    VisionZip,
     VisPruner,
 )
 from vlmprune.testbed.evaluate import evaluate
@@ -58,7 +64,8 @@ def demo_methods(depth: int) -> dict[str, Method]:
     FastV prunes early (about a tenth of the depth, the paper's K=3 of 32), and so do the single-stage
     criteria FEATHER ablates (uniform, KNN) and the random baseline; PyramidDrop at a quarter, half and three
     quarters; FEATHER at a quarter and a half (its 8 and 16 of 32); BTP at its code's 3, 6, 14 and 22 of 32;
-    VisPruner before the language model, as in its paper. Every method of `list_methods()` is here.
+    VisPruner, FasterVLM, DivPrune, CDPruner, VisionZip and pooling before the language model, as in their papers;
+    DART at its layer 2. Every method of `list_methods()` is here.
     """
     early, quarter = max(1, round(depth / 10)), max(1, depth // 4)
     btp_layers: list[int] = []
@@ -74,6 +81,12 @@ def demo_methods(depth: int) -> dict[str, Method]:
         "feather": Feather(layers=(quarter, 2 * quarter)),
         "btp": BalancedTokenPruning(layers=tuple(sorted(set(btp_layers)))),  # fewer stages on a very shallow model
         "vispruner": VisPruner(),
+        "fastervlm": FasterVLM(),
+        "divprune": DivPrune(),
+        "dart": DART(layer=min(2, depth - 1)),
+        "cdpruner": CDPruner(),
+        "visionzip": VisionZip(),
+        "pooling": Pooling(),
     }
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from vlmprune.extras import import_extra
 from vlmprune.viz.analysis import box_token_share, keep_mask
 from vlmprune.viz.frame import LLAVA_MEAN_RGB, box_in_frame, frame_image
-from vlmprune.viz.records import has_stages, stage_of
+from vlmprune.viz.records import fed_of, has_stages, stage_of
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -178,13 +178,18 @@ def plot_sample(record: Mapping, image: Image.Image | None = None, *, fill=LLAVA
         ax.legend(loc="lower right", fontsize=7, framealpha=0.8)
     ax.set_title(f"input ({frame} frame)" + ("" if image is not None else "\nimage unavailable"), fontsize=9)
 
-    for ax, (layer, (rows, cols), kept) in zip(axes[1:], stages, strict=True):
+    for k, (ax, (layer, (rows, cols), kept)) in enumerate(zip(axes[1:], stages, strict=True)):
         ax.imshow(pixels, extent=(0, cols, rows, 0), interpolation="bilinear")
         veil = np.zeros((rows, cols, 4))
-        veil[..., 3] = np.where(keep_mask(kept, (rows, cols)), 0.0, DIM_ALPHA)
+        fed = fed_of(record, k)
+        fed = fed[fed < rows * cols]
+        # dropped tokens dimmed; tokens merged into a kept one (a merging stage) half dimmed
+        alpha = np.where(keep_mask(fed, (rows, cols)), DIM_ALPHA / 2, DIM_ALPHA)
+        veil[..., 3] = np.where(keep_mask(kept, (rows, cols)), 0.0, alpha)
         ax.imshow(veil, extent=(0, cols, rows, 0), interpolation="nearest")
         _draw_grid(ax, rows, cols, labels=False)
-        lines = [f"{method} · layer {layer} · kept {kept.size}/{rows * cols}"]
+        merged = f" · merged from {fed.size}" if fed.size else ""
+        lines = [f"{method} · layer {layer} · kept {kept.size}/{rows * cols}{merged}"]
         if target is not None:
             _draw_box(ax, target, rows, cols, TARGET_COLOUR, "-", "target")
             share = box_token_share(kept, (rows, cols), record["target_box"], image_size, frame)

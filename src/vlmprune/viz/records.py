@@ -8,7 +8,8 @@ A record is one JSON object per sample::
      "stages": [{"layer": 8, "grid": [24, 24], "kept": [3, 17, ...]}, ...],        # one image per sample
      "error": null | "message"}
 
-`kept` holds sorted indices into the sample's image tokens in raster order of the original grid. Records
+`kept` holds sorted indices into the sample's image tokens in raster order of the original grid. A merging
+stage adds `merged`: per kept token (in `kept` order), the indices of the tokens whose states it averages. Records
 with an error or without stages (unpruned runs) carry nothing to analyse; `has_stages` tells them apart.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["RECORD_FILE", "has_stages", "read_records", "record_from_trace", "stage_of"]
+__all__ = ["RECORD_FILE", "fed_of", "has_stages", "read_records", "record_from_trace", "stage_of"]
 
 RECORD_FILE = "samples.jsonl"
 
@@ -75,6 +76,12 @@ def stage_of(record: Mapping, stage: int) -> tuple[int, tuple[int, int], np.ndar
     return int(entry.get("layer", -1)), (rows, cols), kept
 
 
+def fed_of(record: Mapping, stage: int) -> np.ndarray:
+    """Sorted indices of the tokens that fed a merged kept token at stage `stage` (empty for a subset stage)."""
+    merged = record["stages"][stage].get("merged") or []
+    return np.unique(np.asarray([i for ids in merged for i in ids], dtype=np.int64))
+
+
 def record_from_trace(
     trace: Mapping,
     *,
@@ -100,7 +107,12 @@ def record_from_trace(
         grid = grids[sample][0] if sample < len(grids) and grids[sample] else entry["grid"]
         rows, cols = int(grid[0]), int(grid[1])
         kept = [int(i) for i in kept_all[sample] if int(i) < rows * cols]
-        records_stages.append({"layer": int(entry["layer"]), "grid": [rows, cols], "kept": kept})
+        record_stage = {"layer": int(entry["layer"]), "grid": [rows, cols], "kept": kept}
+        if entry.get("sources"):  # a merging stage: which tokens fed each kept one (of the first image)
+            pairs = zip(entry["sources"][sample], kept_all[sample], strict=True)
+            fed = [source["ids"] for source, i in pairs if i < rows * cols]
+            record_stage["merged"] = [[int(j) for j in ids if int(j) < rows * cols] for ids in fed]
+        records_stages.append(record_stage)
     return {
         "task": None,
         "id": None,
