@@ -150,7 +150,7 @@ class TextRaterAttention(Criterion):
         recycled = keep_top(order, kept_count + recycled_count) & present & ~kept  # the most relevant pruned ones
         if self.recycle:
             states = ctx.hidden_states().float()
-            centres = _density_peaks(states, recycled, clusters)
+            centres = _density_peaks(states, recycled, clusters, order)
         else:
             centres = torch.zeros_like(kept)
         roles = (kept, recycled, centres, relevance)
@@ -164,7 +164,7 @@ class TextRaterAttention(Criterion):
     def merge_weights(self, ctx: SelectionContext, budgets: list[int], keep: torch.Tensor) -> torch.Tensor:
         kept, recycled, centres, _ = self._roles(ctx)
         states = ctx.hidden_states().float()
-        distance = torch.cdist(states, states)  # (batch, m, m); the 1/√C scale changes no nearest centre
+        distance = _distances(states)  # (batch, m, m); the 1/√C scale changes no nearest centre
         distance = distance.masked_fill(~centres[:, None, :], float("inf"))
         slots = torch.arange(kept.shape[1], device=kept.device)
         own = centres[:, :, None] & (slots[None, :, None] == slots[None, None, :])
@@ -184,29 +184,40 @@ def _rank(weights: torch.Tensor, valid: torch.Tensor, present: torch.Tensor) -> 
     return (singular > tolerance).sum(dim=1)
 
 
-def _density_peaks(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+def _density_peaks(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """(batch, m) bool: the `clusters[b]` (batch, 1) DPC-kNN centres among each sample's `members` (batch, m) of the
-    states x (batch, m, C), k = `clusters[b]` neighbours per density (the code's `cluster_and_merge`).
+    states x (batch, m, C), k = `clusters[b]` neighbours per density (the code's `cluster_and_merge`); `order`
+    (batch, m) lists the slots by relevance, the order in which the code hands the recycled tokens over.
 
     ρ_i = exp(−mean of the k smallest d_ij²) over the members (itself included), d_ij = ‖x_i − x_j‖ / √C;
     δ_i = min d_ij over the members denser than i, or the largest d among the members for the densest; centres: the
-    largest ρ·δ. Neighbour counts stay on the device (a full sort of each row, no host read). As `KnnDensity`
-    (FEATHER's copy of the same rule), ties in ρ go to the earlier token instead of the code's 1e-6 noise.
+    largest ρ·δ. Neighbour counts stay on the device (a full sort of each row, no host read). Ties in ρ and in ρ·δ
+    go to the more relevant token instead of the code's 1e-6 noise: what the code's `topk` does without the noise,
+    and what matters with one cluster, where k = 1 gives every token ρ = 1 (the centre is then the most relevant
+    recycled token; the code's merged token is the same mean whatever the centre, but here the centre is its slot).
     """
     _, m, channels = x.shape
-    d = torch.cdist(x, x) / math.sqrt(channels)
+    d = _distances(x) / math.sqrt(channels)
     pair = members[:, :, None] & members[:, None, :]
     nearest = torch.sort(d.masked_fill(~members[:, None, :], float("inf")), dim=-1).values
     rank = torch.arange(m, device=x.device)
     counted = rank[None, None, :] < clusters[:, :, None]  # (batch, 1, m)
     density = torch.exp(-torch.where(counted, nearest, 0.0).pow(2).sum(dim=-1) / clusters.clamp(min=1))
-    index = torch.arange(m, device=x.device)
+    ranks = torch.arange(m, device=x.device).expand_as(order)
+    priority = torch.empty_like(order).scatter_(1, order, ranks)  # each slot's place in relevance order
     denser = (density[:, None, :] > density[:, :, None]) | (
-        (density[:, None, :] == density[:, :, None]) & (index[None, :] < index[:, None])
+        (density[:, None, :] == density[:, :, None]) & (priority[:, None, :] < priority[:, :, None])
     )
     denser &= members[:, None, :]
     fallback = d.masked_fill(~pair, float("-inf")).amax(dim=(1, 2))[:, None, None]
     delta = torch.where(denser, d, fallback).min(dim=-1).values
-    score = (density * delta).masked_fill(~members, float("-inf"))
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices
-    return keep_top(order, clusters) & members
+    score = torch.gather((density * delta).masked_fill(~members, float("-inf")), 1, order)  # in relevance order
+    by_score = torch.gather(order, 1, torch.sort(score, dim=1, descending=True, stable=True).indices)
+    return keep_top(by_score, clusters) & members
+
+
+def _distances(x: torch.Tensor) -> torch.Tensor:
+    """(batch, m, m) Euclidean distances between the rows of x (batch, m, C), computed pairwise as the code's
+    `(x1 - x2).norm()`: the matrix-product shortcut leaves the diagonal off zero, and k = 1 densities (one cluster)
+    then differ by rounding noise instead of tying."""
+    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
