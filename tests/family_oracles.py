@@ -40,6 +40,7 @@ FITTING: dict[str, dict] = {
     "fastervlm": {"keep": None, "ratio": 0.5},
     "cdpruner": {"keep": None, "ratio": 0.5},
     "visionzip": {"keep": None, "ratio": 0.5},
+    "sparsevlm": {"layers": (2, 3, 5), "keep": 64},
 }
 # Every registered method with its fitting parameters, then variants: per-image budgets, a stage before the LLM.
 CASES: dict[str, tuple[str, dict, dict]] = {name: (name, FITTING.get(name, {}), {}) for name in METHODS}

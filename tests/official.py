@@ -15,6 +15,9 @@ codes run), with plain tensor code and none of vlmprune's helpers:
 - `divprune_picks`: DivPrune's `DivPrune` + `pairwise_cosine_similarity` (vbdi/divprune `llava_arch.py`).
 - `dart_keep`: DART's `get_retained_image_token` (its LLaVA `modeling_llama.py`).
 - `cdpruner_keep`: CDPruner's `encode_images` (Theia-4869/CDPruner `llava_arch.py`).
+- `sparsevlm_raters`, `sparsevlm_cut`, `sparsevlm_clusters`: SparseVLM (Gumpest/SparseVLMs `26a5f48`,
+  `modelling_sparse_llama.py::LlamaDynamicvitModel.forward`, `score.py::attn_postprocess_topk`,
+  `utils.py::cluster_and_merge`; `attn_postprocess_rank` of `91fb6d9` for the adaptive count).
 """
 
 from __future__ import annotations
@@ -284,3 +287,72 @@ def visionzip_tokens(
     target_hidden = hidden_states_filtered[:, target_indices, :]
     contextual_tokens = target_hidden + aggregated_hidden
     return torch.cat([dominant_tokens, contextual_tokens], dim=1)[0], all_indices[0]
+
+
+def sparsevlm_noise(r: int) -> torch.Tensor:
+    """A draw of the code's density noise `torch.rand(r) * 1e-6` that favours the tokens handed over first (the
+    most relevant): the draw for which the code decides ties as vlmprune does."""
+    return 1e-6 * (1 - torch.arange(r) / r)
+
+
+def sparsevlm_raters(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Indices into the text after the image of its raters: `m_v_t = v_t @ t_t.T`, softmax over the text, mean over
+    the image tokens, `where(m_v_t > m_v_t.mean())`. image (N, D), text (T, D)."""
+    relevance = torch.softmax(image_embeds @ text_embeds.T, dim=1).mean(dim=0)
+    return torch.where(relevance > relevance.mean())[0]
+
+
+def sparsevlm_cut(
+    attention: torch.Tensor,
+    image: slice,
+    raters: torch.Tensor,
+    count: int | None,
+    *,
+    recycle_share: float = 0.3,
+    adaptive: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(indices into the image kept by relevance, ascending; indices of the recycled pruned tokens, most relevant
+    first, or None when the stage cuts nothing) from `attention` (heads, L, L), the raters' absolute rows.
+
+    `attn_postprocess_topk`: head mean, rows of the raters, columns of the image, mean over raters; `topk` of
+    `min(count, n - 1)`. With `adaptive=(scale, bias)`, `attn_postprocess_rank`: the count is `int(rank * scale +
+    bias)` of `matrix_rank` of the (raters, n) matrix, and a rank equal to n keeps all. Then the forward's
+    recycling: of the pruned, `int(p * 0.3) + 1` most relevant, by `topk` over their relevance."""
+    per_rater = attention.mean(dim=0)[raters][:, image]  # (raters, n)
+    relation = per_rater.mean(dim=0)
+    n = relation.numel()
+    if adaptive is not None:
+        rank = int(torch.linalg.matrix_rank(per_rater.float()))
+        if n - rank == 0:
+            return torch.arange(n), None
+        count = int(rank * adaptive[0] + adaptive[1])
+    kept = torch.topk(relation, min(count, n - 1)).indices
+    policy = torch.zeros(n, dtype=torch.bool)
+    policy[kept] = True
+    pruned = torch.where(~policy)[0]
+    take = int(pruned.shape[0] * recycle_share) + 1
+    recycled = pruned[torch.topk(relation[pruned], take).indices]
+    return kept.sort().values, recycled
+
+
+def sparsevlm_clusters(states: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`cluster_and_merge` of the recycled tokens' states (r, C) into `int(r / 10) + 1` clusters: (centres (c,) as
+    indices into the r tokens, each token's cluster (r,) as an index into the centres, merged states (c, C)).
+
+    d = cdist / √C; density exp(−mean of the c smallest d²) + `noise` (r,), one draw of the code's
+    `torch.rand(r) * 1e-6`; δ = min d to a denser token, else the max of d; centres: `topk` of δ·ρ; each token to
+    its nearest centre (`argmin`), centres to themselves; merged = sum / (count + 1e-6). The noise decides ties in
+    ρ, which k = c neighbours make common (one cluster: every ρ is 1; mutual nearest neighbours share theirs)."""
+    r, channels = states.shape
+    clusters = int(r / 10) + 1
+    d = torch.cdist(states[None], states[None])[0] / channels**0.5
+    nearest = torch.topk(d, k=clusters, dim=-1, largest=False).values
+    density = torch.exp(-(nearest**2).mean(dim=-1)) + noise
+    denser = (density[None, :] > density[:, None]).float()
+    delta = (d * denser + d.max() * (1 - denser)).min(dim=-1).values
+    centres = torch.topk(delta * density, k=clusters).indices
+    assignment = d[centres].argmin(dim=0)
+    assignment[centres] = torch.arange(clusters)
+    sizes = torch.zeros(clusters).index_add_(0, assignment, torch.ones(r)) + 1e-6
+    merged = torch.zeros(clusters, channels).index_add_(0, assignment, states / sizes[assignment][:, None])
+    return centres, assignment, merged

@@ -16,7 +16,6 @@ from conftest import random_image
 from eval_data import write_refer
 from vlmprune.adapters import get_adapter
 from vlmprune.cli.main import main
-from vlmprune.cost.match import KNOBS
 from vlmprune.criteria import Balanced, ConditionalDPP, PivotDissimilarity, SelectionContext
 from vlmprune.criteria.base import kept_positions
 from vlmprune.criteria.dpp import dpp_greedy_map
@@ -291,6 +290,7 @@ BASELINE_PARAMS = [
     ("cdpruner", "keep=40"),
     ("visionzip", "keep=40"),
     ("pooling", "size=3"),
+    ("sparsevlm", "layers=[1,2,3]"),
 ]
 
 
@@ -302,18 +302,20 @@ def test_generate_compare_viz_and_bench_run_each_baseline(name, param, small_mod
     assert main([*args, "--method", name, "--param", param, "--save-trace", str(trace)]) == 0
     assert json.loads(trace.read_text())["method"]["name"] == name
     data, out = write_refer(tmp_path / "data", n_refs=2), tmp_path / "compare"
-    matched = name in KNOBS  # pooling's grid fixes its count: nothing to match
-    compare = ["compare", "--model", small_model_dir, "--methods", name, *(["--match-flops", "0.5"] if matched else [])]
+    matched = name != "pooling"  # pooling's grid fixes its count: nothing to match closely
+    compare = ["compare", "--model", small_model_dir, "--methods", name, "--param", f"{name}.{param}"]
+    compare += ["--match-flops", "0.5"] if matched else []
     where = ["--tasks", "refcoco", "--data", str(data), "--out", str(out), "--batch-size", "2"]
     assert main([*compare, *where, "--max-new-tokens", "4"]) == 0
     rows = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in rows] == ["unpruned", name]
     assert abs(rows[1]["flops_reduction"] - 0.5) < 0.03 if matched else rows[1]["flops_reduction"] > 0.5
     records = [json.loads(line) for line in (out / name / "samples.jsonl").read_text().splitlines()]
-    assert ("merged" in records[0]["stages"][0]) == (name in ("visionzip", "pooling"))
+    assert ("merged" in records[0]["stages"][0]) == (name in ("visionzip", "pooling", "sparsevlm"))
     pytest.importorskip("matplotlib")
     assert main(["viz", "--run", str(out / name), "--out", str(tmp_path / "viz"), "--samples", "1"]) == 0
-    bench = ["bench", "--shape", "llava-tiny", "--methods", name, "--batch", "2", "--repeats", "1"]
+    bench = ["bench", "--shape", "llava-tiny", "--methods", name, "--param", f"{name}.{param}", "--batch", "2"]
+    bench += ["--repeats", "1"]
     assert main([*bench, "--warmup", "0", "--new-tokens", "2", "--out", str(tmp_path / "bench")]) == 0
     measured = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert any(r["label"] == name for r in measured["results"])

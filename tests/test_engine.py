@@ -53,6 +53,12 @@ METHOD_CASES = {
     "pooling": ("pooling", {}),
     "pooling-3x3-vision-features": ("pooling", {"size": 3, "space": "vision_features"}),
     "pooling-5x5-original-positions": ("pooling", {"size": 5, "positions": "original"}),
+    "sparsevlm": ("sparsevlm", {"layers": (2, 3, 5), "keep": 64}),  # the official layers 3, 7, 16 need 17 layers
+    "sparsevlm-adaptive-original-positions": (
+        "sparsevlm",
+        {"layers": (2, 4), "adaptive": True, "positions": "original"},
+    ),
+    "sparsevlm-counts-no-recycling": ("sparsevlm", {"layers": (1, 4), "counts": (50, 20), "recycle": False}),
 }
 assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every method needs a row"
 

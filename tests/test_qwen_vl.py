@@ -36,6 +36,7 @@ METHOD_PARAMS = {
     "fastervlm": {"keep": None, "ratio": 0.5},
     "cdpruner": {"keep": None, "ratio": 0.5},
     "visionzip": {"keep": None, "ratio": 0.5},
+    "sparsevlm": {"layers": (2, 3, 5), "keep": 64},
 }
 CASES = {name: (name, METHOD_PARAMS.get(name, {})) for name in METHODS}
 CASES |= {

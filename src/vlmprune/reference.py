@@ -18,7 +18,9 @@ the masked reference, and for the kept tokens only in the pre-LLM one.
 A merging stage before the language model (its trace has `sources`) keeps tokens whose states are weighted sums
 of original tokens: both references compute each such state from the trace's sources and weights (over the input
 embeddings, or over the vision features before the projector, projected again) and put it in place of its
-token's input embedding; the language model itself runs unmodified.
+token's input embedding; the language model itself runs unmodified. A merging stage inside the language model
+(`merge_space="hidden"`, SparseVLM's recycling) does the same in the masked reference at its layer: each merged
+token's hidden state entering that layer becomes the weighted sum of its sources' states there.
 """
 
 from __future__ import annotations
@@ -61,11 +63,35 @@ def alive_per_layer(model, inputs: dict, trace: Trace) -> list[torch.Tensor]:
 
 
 def _merging_stage(trace: Trace):
-    """The trace's merging stage before the language model, or None (a later merging stage is not supported)."""
+    """The trace's merging stage before the language model, or None (later ones: `_merging_in_layers`)."""
     merging = [stage for stage in trace.stages if stage.sources is not None]
-    if merging and (merging[0].layer != 0 or len(merging) > 1):
-        raise ValueError("the references support one merging stage, before the language model (layer 0)")
-    return merging[0] if merging else None
+    if any(stage.layer > 0 and stage.merge_space != "hidden" for stage in merging):
+        raise ValueError("the references merge inside the language model only in its hidden states")
+    return merging[0] if merging and merging[0].layer == 0 else None
+
+
+def _merging_in_layers(model, inputs: dict, trace: Trace) -> list:
+    """Hooks that, at each merging stage inside the language model, replace each merged token's hidden state entering
+    the stage's layer by the weighted sum of its sources' states there (all read before any is replaced)."""
+    adapter = get_adapter(model)
+    image = adapter.image_token_mask(inputs)
+    handles = []
+    for stage in trace.stages:
+        if stage.sources is None or stage.layer == 0:
+            continue
+
+        def hook(module, args, kwargs, stage=stage):
+            hidden = args[0]
+            merged = hidden.clone()
+            for b, tokens in enumerate(stage.sources):
+                columns = torch.nonzero(image[b]).flatten()
+                for kept, (ids, weights) in zip(stage.kept[b].tolist(), tokens, strict=True):
+                    state = (weights[:, None] * hidden[b, columns[ids]].float()).sum(dim=0)
+                    merged[b, columns[kept]] = state.to(hidden.dtype)
+            return (merged, *args[1:]), kwargs
+
+        handles.append(adapter.layers[stage.layer].register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
 
 
 def _with_merged(model, inputs: dict, trace: Trace, embeds: torch.Tensor, features) -> torch.Tensor:
@@ -168,7 +194,8 @@ def _position_kwargs(model, attention_mask: torch.Tensor) -> dict[str, torch.Ten
 def reference_logits(model, inputs: dict, trace: Trace, renumber: list[bool]) -> torch.Tensor:
     """(batch, seq, vocab) logits of the masked unpruned model, with the kept sets of `trace`."""
     alive = alive_per_layer(model, inputs, trace)
-    handles = _substituting(model, inputs, trace) + _install(model, alive, renumber)
+    handles = _substituting(model, inputs, trace) + _merging_in_layers(model, inputs, trace)
+    handles += _install(model, alive, renumber)
     try:
         return model(**inputs, **_position_kwargs(model, inputs["attention_mask"]), use_cache=False).logits
     finally:
@@ -184,7 +211,8 @@ def reference_greedy(model, inputs: dict, trace: Trace, renumber: list[bool], ne
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     out = []
     for _ in range(new_tokens):
-        handles = _substituting(model, inputs, trace) + _install(model, alive, renumber)
+        handles = _substituting(model, inputs, trace) + _merging_in_layers(model, inputs, trace)
+        handles += _install(model, alive, renumber)
         try:
             logits = model(
                 input_ids=ids, attention_mask=mask, use_cache=False, **_position_kwargs(model, mask), **extra

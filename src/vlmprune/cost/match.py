@@ -31,6 +31,7 @@ KNOBS: dict[str, tuple[str, float, float]] = {
 # knobs that take whole numbers, each tried: (parameter, smallest, largest or None for the shape's image tokens)
 COUNT_KNOBS: dict[str, tuple[str, int, int | None]] = {
     "pooling": ("size", 1, 8),  # the window's side: 1 keeps every token
+    "sparsevlm": ("keep", 1, None),  # the budget its schedule is scaled to
 }
 
 

@@ -9,6 +9,7 @@ from vlmprune.criteria.knn import KnnDensity
 from vlmprune.criteria.merging import DominantContextual, GridPool
 from vlmprune.criteria.pivots import PivotDissimilarity
 from vlmprune.criteria.random import RandomScore
+from vlmprune.criteria.sparsevlm import TextRaterAttention
 from vlmprune.criteria.uniform import Uniform
 from vlmprune.criteria.visual_cues import ImportantDiverse, VisionAttention
 
@@ -26,6 +27,7 @@ __all__ = [
     "RandomScore",
     "ScoredCriterion",
     "SelectionContext",
+    "TextRaterAttention",
     "Uniform",
     "VisionAttention",
 ]

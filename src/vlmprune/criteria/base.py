@@ -35,6 +35,7 @@ ScoreDtype = Literal["model", "float32"]
 # else the hidden states
 MergeSpace = Literal["hidden", "vision_features", "auto"]
 AttentionFn = Callable[[QueryPolicy, SoftmaxDomain, bool, bool, ScoreDtype], torch.Tensor]
+RowsAttentionFn = Callable[[torch.Tensor, SoftmaxDomain, bool, ScoreDtype], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -57,6 +58,10 @@ class SelectionContext:
         final_norm_fn: the language model's final norm (the one before its head); read through `final_norm()`.
         vision_keys_fn: per sample, (N_b, head_dim) the vision-encoder keys (mean over heads) at the layer whose
             attention `vision_attention` reads; read through `vision_keys()`.
+        rows_attention_fn: the scoring layer's attention from chosen query rows to the image slots; read through
+            `rows_attention()`.
+        input_embeddings_fn: the language model's input embeddings of every original image token and of the
+            current rows; read through `input_embeddings()`.
     """
 
     image_ids: torch.Tensor
@@ -72,6 +77,8 @@ class SelectionContext:
     keys_fn: Callable[[bool], tuple[torch.Tensor, torch.Tensor]] | None = None
     final_norm_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     vision_keys_fn: Callable[[], list[torch.Tensor]] | None = None
+    rows_attention_fn: RowsAttentionFn | None = None
+    input_embeddings_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -116,6 +123,26 @@ class SelectionContext:
         if key not in self._cache:
             self._cache[key] = self.attention_fn(query, softmax, rope, full_map, score_dtype)
         return self._cache[key]
+
+    def rows_attention(
+        self, rows: torch.Tensor, softmax: SoftmaxDomain, rope: bool, score_dtype: ScoreDtype = "float32"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention of the query rows `rows` ((batch, n) bool over the current rows, as in `instruction()`)
+        to the image slots at the stage's scoring layer: ((batch, q, m) per query row, averaged over heads, 0 in
+        padding; (batch, q) bool, which of the q query slots hold a row). Reads each sample's row count once."""
+        if self.rows_attention_fn is None:
+            raise RuntimeError("this stage has no scoring layer: the criterion needs LLM attention")
+        return self.rows_attention_fn(rows, softmax, rope, score_dtype)
+
+    def input_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language model's input embeddings: (every original image token's, (batch, N, hidden) in image-token
+        order, slots past `n_original[b]` holding another row's; the current rows', (batch, n, hidden), rows as in
+        `instruction()`, a merged or kept image row holding its own token's embedding)."""
+        if self.input_embeddings_fn is None:
+            raise RuntimeError("this context holds no input embeddings (built outside a stage)")
+        if "input_embeddings" not in self._cache:
+            self._cache["input_embeddings"] = self.input_embeddings_fn()
+        return self._cache["input_embeddings"]
 
     def vision_features(self) -> torch.Tensor:
         """(batch, m, channels) vision-encoder features of the present image tokens (before the projector).

@@ -82,6 +82,30 @@ class AttentionProbe:
             weights = torch.gather(weights, 1, image_cols)
         return weights.masked_fill(~image_valid, 0.0)
 
+    def rows_attention(
+        self, rows: torch.Tensor, softmax: SoftmaxDomain, rope: bool, score_dtype: ScoreDtype = "float32"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention of each query row in `rows` ((batch, n) bool) to the image rows, averaged over heads:
+        ((batch, q, m) in the layout's image slots, 0 in padding; (batch, q) validity of the query slots).
+
+        Reads each sample's number of query rows once (as `query="text_mean"` does)."""
+        layout, device = self.layout, self.hidden.device
+        image_cols, image_valid = layout.image_slots()
+        query_cols, query_valid = compact(rows, rows.sum(dim=1).tolist())
+        if softmax == "sequence":
+            n = layout.valid.shape[1]
+            key_cols, key_valid = torch.arange(n, device=device).expand(len(image_cols), n), layout.valid
+        else:
+            key_cols, key_valid = image_cols, image_valid
+        q = self._project("q", query_cols, rope)
+        k = self._project("k", key_cols, rope)
+        allowed = key_valid[:, None, :] & (key_cols[:, None, :] <= query_cols[:, :, None])
+        weights = self._head_mean(q, k, allowed, softmax, score_dtype)  # (batch, queries, keys)
+        if softmax == "sequence":
+            weights = torch.gather(weights, 2, image_cols[:, None, :].expand(-1, weights.shape[1], -1))
+        # padding query rows see no key (NaN softmax): zeroed with the padding image slots
+        return weights.masked_fill(~(query_valid[:, :, None] & image_valid[:, None, :]), 0.0), query_valid
+
     def _head_mean(
         self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, softmax: SoftmaxDomain, score_dtype: ScoreDtype
     ) -> torch.Tensor:

@@ -57,6 +57,7 @@ class _Prefill:
     length: int  # L, the prefill sequence length
     cache: Any
     full_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    embeddings: torch.Tensor | None = None  # (batch, L, hidden) the decoder stack's inputs_embeds, until prefill ends
     vision_features: torch.Tensor | None = None
     vision_attention: torch.Tensor | None = None  # (images, image tokens per image), `adapter.vision_attention`
     # Per-token additions to the first layers' outputs (`adapter.take_layer_additions`): per prefill column, its
@@ -337,7 +338,7 @@ class PruningSession:
         self.trace.image_tokens_per_layer = torch.tensor([layout.n_image for layout in layouts]).T
         self.trace.output_index = run.current.source
         run.probes.clear()
-        run.vision_features = run.vision_attention = run.vision_keys = None
+        run.vision_features = run.vision_attention = run.vision_keys = run.embeddings = None
         run.additions, run.addition_row = [], None  # added once, in the prefill
         run.inputs = {}
         if run.cache is None:  # the decoder stack made its own cache (a forward with use_cache), or none
@@ -395,6 +396,7 @@ class PruningSession:
             capacity=static_capacity(cache),
             vision_attention=self._vision_attention,
             vision_keys=self._vision_keys,
+            embeddings=embeds,
         )
         self._vision_features = self._vision_attention = self._vision_keys = None
 
@@ -425,6 +427,8 @@ class PruningSession:
             keys_fn=probe.keys if probe is not None else None,
             final_norm_fn=self.adapter.final_norm,
             vision_keys_fn=self._vision_keys_of(run) if run.vision_keys is not None else None,
+            rows_attention_fn=probe.rows_attention if probe is not None else None,
+            input_embeddings_fn=lambda: self._input_embeddings_of(run, layout),
         )
         if self.budget_scope == "per_image":
             keep, n_kept = select_per_image(stage.criterion, ctx, budgets)
@@ -561,6 +565,11 @@ class PruningSession:
         rows = self.adapter.rope_position_ids(layout.position_ids)
         last = rows.masked_fill(~layout.valid, -1).amax(dim=-1)
         return last.reshape(-1, layout.valid.shape[0]).amax(dim=0) + 1
+
+    def _input_embeddings_of(self, run: _Prefill, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(every original image token's input embedding (batch, N, hidden), the current rows' (batch, n, hidden))."""
+        image_cols, _ = run.layouts[0].image_slots()
+        return gather_rows(run.embeddings, image_cols), gather_rows(run.embeddings, layout.source.clamp(min=0))
 
     def _vision_features_of(self, run: _Prefill) -> Any:
         def features() -> list[torch.Tensor]:

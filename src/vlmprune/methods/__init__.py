@@ -19,6 +19,7 @@ from vlmprune.methods.knn_prune import KnnPrune
 from vlmprune.methods.pooling import Pooling
 from vlmprune.methods.pyramid_drop import PyramidDrop
 from vlmprune.methods.random_prune import RandomPrune
+from vlmprune.methods.sparsevlm import SparseVLM
 from vlmprune.methods.uniform_prune import UniformPrune
 from vlmprune.methods.visionzip import VisionZip
 from vlmprune.methods.vispruner import VisPruner
@@ -37,6 +38,7 @@ __all__ = [
     "Pooling",
     "PyramidDrop",
     "RandomPrune",
+    "SparseVLM",
     "UniformPrune",
     "VisPruner",
     "VisionZip",
@@ -62,6 +64,7 @@ METHODS: dict[str, type[Method]] = {
         CDPruner,
         VisionZip,
         Pooling,
+        SparseVLM,
     )
 }
 

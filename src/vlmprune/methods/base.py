@@ -29,7 +29,7 @@ PARAMETER_HELP: dict[str, str] = {
     "full_map": "score from the whole attention map, at the cost of the original eager FastV (benchmarks)",
     "lam": "PyramidDrop's lambda: each stage keeps lam of the tokens the previous stage kept",
     "keep": "image tokens kept, a count overriding ratio/lam (pdrop, feather: per stage or the last's; "
-    "btp: per stage or the first's)",
+    "btp: per stage or the first's; sparsevlm: the budget naming its schedule, 192/128/96/64)",
     "keep_fractions": "each stage's fraction of the original image tokens kept (PyramidDrop: overrides lam; BTP)",
     "score_dtype": "'model': attention rounded to the model's dtype as the official code does; 'float32': exact",
     "stride": "uniform grid: keep every stride-th row and column of each image (None: spread the budget evenly)",
@@ -41,7 +41,8 @@ PARAMETER_HELP: dict[str, str] = {
     "diversity": "BTP: per stage, the share chosen first by max-min diversity of the hidden states",
     "spatial": "BTP: per stage, the share started by farthest points on the image grid",
     "oversample": "BTP: per stage, attention candidates per attention pick (1 = no positional rebalancing)",
-    "scale": "BTP: multiplies every stage's kept fraction (the budget knob of FLOPs matching)",
+    "scale": "BTP: multiplies every stage's kept fraction (the budget knob of FLOPs matching); SparseVLM: multiplies "
+    "the rank in the adaptive rule",
     "spatial_metric": "BTP: grid distance of the spatial start, 'manhattan' (code) or 'euclidean'",
     "important_ratio": "VisPruner's r: the budget's share chosen by vision-encoder attention, the rest for diversity",
     "per_sample": "each sample of a batch draws its own random scores (otherwise a sample draws the same alone)",
@@ -54,6 +55,12 @@ PARAMETER_HELP: dict[str, str] = {
     "size": "pooling: the side of the square window averaged into one token (2: a quarter of the tokens)",
     "space": "merging in the stage's hidden states ('hidden'), the vision features before the projector "
     "('vision_features'), or the second where the model can project them again, else the first ('auto')",
+    "counts": "SparseVLM: each stage's tokens kept by relevance (overrides keep's schedule)",
+    "recycle": "SparseVLM: cluster part of the pruned tokens into merged tokens added back",
+    "recycle_share": "SparseVLM: the share of the pruned tokens recycled (the most relevant; int(p * share) + 1)",
+    "tokens_per_cluster": "SparseVLM: recycled tokens per cluster token (r // tokens_per_cluster + 1 clusters)",
+    "adaptive": "SparseVLM: each count from the rank of the raters' attention matrix (its first release)",
+    "bias": "SparseVLM: added to rank * scale by the adaptive rule",
     "theta": "CDPruner: relevance exp(theta/(2(1-theta)) r) (its code's commented option); None: r itself",
 }
 

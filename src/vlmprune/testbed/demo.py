@@ -31,6 +31,7 @@ from vlmprune.methods import (
     Pooling,
     PyramidDrop,
     RandomPrune,
+    SparseVLM,
     UniformPrune,
     VisionZip,
     VisPruner,
@@ -64,13 +65,11 @@ def demo_methods(depth: int) -> dict[str, Method]:
     FastV prunes early (about a tenth of the depth, the paper's K=3 of 32), and so do the single-stage
     criteria FEATHER ablates (uniform, KNN) and the random baseline; PyramidDrop at a quarter, half and three
     quarters; FEATHER at a quarter and a half (its 8 and 16 of 32); BTP at its code's 3, 6, 14 and 22 of 32;
+    SparseVLM at its 3, 7 and 16 of 32;
     VisPruner, FasterVLM, DivPrune, CDPruner, VisionZip and pooling before the language model, as in their papers;
     DART at its layer 2. Every method of `list_methods()` is here.
     """
     early, quarter = max(1, round(depth / 10)), max(1, depth // 4)
-    btp_layers: list[int] = []
-    for layer in (3, 6, 14, 22):  # scaled, kept increasing and within 1 .. depth - 1
-        btp_layers.append(min(max(round(depth * layer / 32), btp_layers[-1] + 1 if btp_layers else 1), depth - 1))
     return {
         "fastv": FastV(layer=early),
         "fastv-no-rope": FastV(layer=early, rope=False, softmax="image"),
@@ -79,7 +78,7 @@ def demo_methods(depth: int) -> dict[str, Method]:
         "random": RandomPrune(layer=early),
         "pdrop": PyramidDrop(layers=(quarter, 2 * quarter, 3 * quarter)),
         "feather": Feather(layers=(quarter, 2 * quarter)),
-        "btp": BalancedTokenPruning(layers=tuple(sorted(set(btp_layers)))),  # fewer stages on a very shallow model
+        "btp": BalancedTokenPruning(layers=_scaled_layers((3, 6, 14, 22), depth)),
         "vispruner": VisPruner(),
         "fastervlm": FasterVLM(),
         "divprune": DivPrune(),
@@ -87,7 +86,17 @@ def demo_methods(depth: int) -> dict[str, Method]:
         "cdpruner": CDPruner(),
         "visionzip": VisionZip(),
         "pooling": Pooling(),
+        "sparsevlm": SparseVLM(layers=_scaled_layers((3, 7, 16), depth)),
     }
+
+
+def _scaled_layers(layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """A 32-layer model's stage layers scaled to `depth` layers, kept increasing and within 1 .. depth - 1 (fewer
+    stages on a very shallow model)."""
+    scaled: list[int] = []
+    for layer in layers:
+        scaled.append(min(max(round(depth * layer / 32), scaled[-1] + 1 if scaled else 1), depth - 1))
+    return tuple(sorted(set(scaled)))
 
 
 def _prefill_seconds(model, processor, method: Method | None, images, questions, rounds: int) -> list[float]:
