@@ -49,6 +49,11 @@ CASES |= {
     "fastv-per-image": ("fastv", {}, {"budget_scope": "per_image"}),
     "vispruner-per-image": ("vispruner", FITTING["vispruner"], {"budget_scope": "per_image"}),
     "pdrop-per-image": ("pdrop", FITTING["pdrop"], {"budget_scope": "per_image"}),
+    **{
+        f"{name}-per-image": (name, FITTING[name], {"budget_scope": "per_image"})
+        for name in ("visionzip", "cdpruner", "sparsevlm")
+    },
+    "dart-per-image": ("dart", {}, {"budget_scope": "per_image"}),
 }
 
 

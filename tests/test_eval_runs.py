@@ -23,6 +23,7 @@ def scored(out: Path) -> dict:
         (["--method", "fastv", "--param", "ratio=0.5"], ["--method", "fastv", "--param", "ratio=0.9"], "params.ratio"),
         (["--method", "fastv"], ["--method", "random"], "method: 'fastv' -> 'random'"),
         (["--method", "fastv"], ["--method", "fastv", "--max-new-tokens", "6"], "max_new_tokens"),
+        (["--method", "fastv"], ["--method", "fastv", "--budget-scope", "per_image"], "budget_scope"),
     ],
 )
 def test_resuming_with_other_settings_is_refused_and_overwrite_starts_afresh(

@@ -123,6 +123,22 @@ def test_per_image_budgets_split_each_samples_budget_over_its_grids(family):
         assert abs(int((kept >= base).sum()) - (total - base) // 2) <= 1
 
 
+def test_per_image_merging_merges_each_grids_tokens_into_its_own_tokens(family):
+    model = family.models["sdpa"]
+    inputs = family.make_inputs([0, 1, 2])
+    method = vlmprune.build_method("visionzip", keep=None, ratio=0.5)
+    with torch.no_grad(), vlmprune.prune(model, method, budget_scope="per_image") as trace:
+        model(**inputs)
+    stage = trace.stages[0]
+    merged = 0
+    for kept, grids, sources in zip(stage.kept, stage.image_grids, stage.sources, strict=True):
+        ends = torch.tensor([r * c for r, c in grids]).cumsum(0)
+        for token, (ids, _) in zip(kept, sources, strict=True):
+            assert (torch.searchsorted(ends, ids, right=True) == torch.searchsorted(ends, token, right=True)).all()
+            merged += len(ids) > 1
+    assert merged > 0
+
+
 def test_an_unknown_budget_scope_is_refused(family):
     method = vlmprune.build_method("fastv")
     with (

@@ -68,6 +68,18 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_budget_scope_arg(parser: argparse.ArgumentParser) -> None:
+    """--budget-scope, as `vlmprune.prune` takes it."""
+    parser.add_argument(
+        "--budget-scope",
+        choices=("global", "per_image"),
+        default="global",
+        help="spend each stage's budget over a prompt's image tokens as a whole (global, the default) or per image, "
+        "crop or frame in proportion to its tokens (per_image: the official VisPruner/VisionZip convention on "
+        "LLaVA-NeXT crops)",
+    )
+
+
 def add_loading_args(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype and --attn, as `load_model` takes them."""
     parser.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")

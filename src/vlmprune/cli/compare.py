@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlmprune.cli._common import (
     CommandError,
+    add_budget_scope_arg,
     add_loading_args,
     add_model_arg,
     add_task_args,
@@ -42,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--match-flops", type=unit_fraction, metavar="R", help="target FLOPs reduction in [0, 1), e.g. 0.64"
     )
+    add_budget_scope_arg(parser)
     parser.add_argument("--formula", choices=("paper", "paper-3ndm", "exact"), default="paper")
     parser.add_argument(
         "--text-tokens", type=non_negative_float, default=0.0, help="text tokens in the FLOPs match (default 0)"
@@ -116,13 +118,20 @@ def run(args: argparse.Namespace) -> int:
     methods = _methods(args, shape)
     adapter = get_adapter(model)
     for method in methods:  # every method against the model (layers within its depth) before evaluating any
-        PruningSession(model, method, adapter)
+        PruningSession(model, method, adapter, args.budget_scope)
     rows = []
     for name, method in [("unpruned", None), *((m.name, m) for m in methods)]:
         out = Path(args.out) / name
         if args.overwrite and out.is_dir():
             clear_run(out)
-        config = EvalConfig(out, args.batch_size, args.max_new_tokens, method_name=name, data=run_data(args))
+        config = EvalConfig(
+            out,
+            args.batch_size,
+            args.max_new_tokens,
+            method_name=name,
+            data=run_data(args),
+            budget_scope=args.budget_scope,
+        )
         run_grounding(model, processor, method, samples, config)
         records = load_records(out)
         check_scored(records)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from vlmprune.cli._common import (
+    add_budget_scope_arg,
     add_loading_args,
     add_model_arg,
     add_task_args,
@@ -42,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--method", type=method_or_none_name, default="none", metavar="NAME", help="a method, or `none` (default)"
     )
     parser.add_argument("--param", type=key_value, action="append", default=[], metavar="KEY=VALUE")
+    add_budget_scope_arg(parser)
     add_task_args(parser)
     add_loading_args(parser)
     parser.add_argument("--no-progress", action="store_true")
@@ -76,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         clear_run(out)
     if state is not None:
         state.wait_for_everyone()
-    config = EvalConfig(out, args.batch_size, args.max_new_tokens, rank, world, args.method, run_data(args))
+    config = EvalConfig(
+        out, args.batch_size, args.max_new_tokens, rank, world, args.method, run_data(args), args.budget_scope
+    )
     bar = None
     if not args.no_progress and rank == 0:
         from tqdm.auto import tqdm

@@ -7,6 +7,7 @@ import json
 
 from vlmprune.cli._common import (
     CommandError,
+    add_budget_scope_arg,
     add_loading_args,
     add_model_arg,
     load_model,
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="override a method parameter, repeatable; VALUE is a Python literal or a bare string "
         "(e.g. --param layer=3 --param ratio=0.75 --param layers=[8,16])",
     )
+    add_budget_scope_arg(parser)
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N")
     add_loading_args(parser)
     parser.add_argument(
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from vlmprune import prune
 
-        with prune(model, method) as trace:
+        with prune(model, method, budget_scope=args.budget_scope) as trace:
             output = model.generate(**inputs, **generate_kwargs)
 
     new_tokens = output[:, inputs["input_ids"].shape[1] :]

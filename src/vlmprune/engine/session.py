@@ -430,8 +430,10 @@ class PruningSession:
             rows_attention_fn=probe.rows_attention if probe is not None else None,
             input_embeddings_fn=lambda: self._input_embeddings_of(run, layout),
         )
+        space = self._merge_space(stage.criterion)
+        weights = None
         if self.budget_scope == "per_image":
-            keep, n_kept = select_per_image(stage.criterion, ctx, budgets)
+            keep, n_kept, weights = select_per_image(stage.criterion, ctx, budgets, merges=space is not None)
             keep &= present
         else:
             keep = stage.criterion.select(ctx, budgets) & present
@@ -443,9 +445,9 @@ class PruningSession:
         kept_slots, kept_valid = compact(keep, n_kept)
         kept_ids = torch.gather(image_ids, 1, kept_slots).masked_fill(~kept_valid, -1)
         merge_weights = None
-        space = self._merge_space(stage.criterion)
         if space is not None:
-            weights = stage.criterion.merge_weights(ctx, budgets, keep)  # (batch, m, m), rows of the kept slots
+            if weights is None:
+                weights = stage.criterion.merge_weights(ctx, budgets, keep)  # (batch, m, m), rows of the kept slots
             hidden = self._merged(hidden, image_cols, keep, weights, space, ctx)
             merge_weights = torch.gather(weights, 1, kept_slots[:, :, None].expand(-1, -1, weights.shape[2]))
             merge_weights = merge_weights.masked_fill(~kept_valid[:, :, None], 0.0)

@@ -54,6 +54,7 @@ class EvalConfig:
     world_size: int = 1
     method_name: str = "none"
     data: dict[str, Any] = field(default_factory=dict)  # where the samples come from (tasks, paths, split)
+    budget_scope: str = "global"  # `vlmprune.prune`'s: a budget over a prompt's image tokens, or per image
 
 
 def _jsonl_name(rank: int, world_size: int) -> str:
@@ -98,6 +99,7 @@ def run_identity(model: torch.nn.Module, method: Method | None, config: EvalConf
             {
                 "method": config.method_name,
                 "params": method.parameters() if method is not None else {},
+                "budget_scope": config.budget_scope if method is not None else None,
                 "model": getattr(model.config, "_name_or_path", ""),
                 "model_config_sha256": digest,
                 "data": config.data,
@@ -200,7 +202,7 @@ def run_grounding(
     fill = _mean_colour(processor)
     device = next(model.parameters()).device
     ran = 0
-    with open(path, "a") as handle, prune(model, method) if method else nullcontext() as trace:
+    with open(path, "a") as handle, prune(model, method, config.budget_scope) if method else nullcontext() as trace:
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start : start + config.batch_size]
             records, ready = [], []
