@@ -11,27 +11,13 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from vlmprune.adapters.base import ModelAdapter
+from helpers import BareAdapter
 from vlmprune.criteria import Attention, SelectionContext
 from vlmprune.criteria.base import kept_positions
 from vlmprune.engine.layout import Layout
 from vlmprune.engine.probe import AttentionProbe
 
 SIDE, TEXT_BEFORE, TEXT_AFTER = 8, 3, 5
-
-
-class _BareAdapter(ModelAdapter):
-    """Only the q/k projection of the base adapter is used here."""
-
-    family = "bare"
-    model_classes = ()
-    multimodal_module = text_model = None
-
-    def image_token_mask(self, inputs):
-        raise NotImplementedError
-
-    def image_grids(self, image_counts, inputs):
-        raise NotImplementedError
 
 
 def _context() -> SelectionContext:
@@ -59,7 +45,7 @@ def _context() -> SelectionContext:
         n_image=[n_image],
     )
     cos_sin = LlamaRotaryEmbedding(config)(hidden, positions)
-    probe = AttentionProbe(_BareAdapter(None), layer, hidden, layout, cos_sin)
+    probe = AttentionProbe(BareAdapter(None), layer, hidden, layout, cos_sin)
     return SelectionContext.from_lists(
         [torch.arange(n_image)], image_grids=[[(SIDE, SIDE)]], n_original=[n_image], attention_fn=probe
     )

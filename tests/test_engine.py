@@ -6,8 +6,15 @@ import pytest
 import torch
 
 import vlmprune
+from helpers import renumber_flags
 from vlmprune.methods import METHODS
-from vlmprune.reference import pre_llm_greedy, pre_llm_logits, reference_greedy, reference_logits
+from vlmprune.reference import (
+    positions_from_mask,
+    pre_llm_greedy,
+    pre_llm_logits,
+    reference_greedy,
+    reference_logits,
+)
 
 # Every registered method, with parameters that fit a 6-layer model; extra rows cover policy variants.
 METHOD_CASES = {
@@ -65,20 +72,6 @@ assert {name for name, _ in METHOD_CASES.values()} == set(METHODS), "every metho
 PROMPTS = ["what is the color of the large object on the left", "where is the cat"]
 
 
-def renumber_flags(method, depth: int) -> list[bool]:
-    flags, current = [], False
-    stages = {s.layer: s for s in method.stages()}
-    for layer in range(depth):
-        if layer in stages:
-            current = stages[layer].positions == "renumbered"
-        flags.append(current)
-    return flags
-
-
-def positions(inputs):
-    return (inputs["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
-
-
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
 @pytest.mark.parametrize("case", list(METHOD_CASES))
 def test_pruned_forward_equals_masked_reference(models, make_inputs, backend, case):
@@ -87,7 +80,7 @@ def test_pruned_forward_equals_masked_reference(models, make_inputs, backend, ca
     method = vlmprune.build_method(name, **params)
     inputs = make_inputs(PROMPTS)
     with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        logits = model(**inputs, position_ids=positions(inputs)).logits
+        logits = model(**inputs, position_ids=positions_from_mask(inputs["attention_mask"])).logits
     assert len(trace.stages) == len(method.stages())
     reference = reference_logits(model, inputs, trace, renumber_flags(method, len(trace.tokens_per_layer[0])))
     rows = trace.output_index
@@ -160,7 +153,7 @@ def test_pruning_before_the_llm_equals_the_llm_run_on_the_kept_embeddings_alone(
     renumber = method.stages()[0].positions == "renumbered"
     inputs = make_inputs(PROMPTS)
     with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        logits = model(**inputs, position_ids=positions(inputs)).logits
+        logits = model(**inputs, position_ids=positions_from_mask(inputs["attention_mask"])).logits
         generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     assert [t.item() for t in trace.tokens_per_layer[:, 0]] == [t.item() for t in trace.tokens_per_layer[:, -1]]
     expected = pre_llm_logits(model, inputs, trace, renumber)

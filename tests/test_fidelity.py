@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 import official
 import vlmprune
-from vlmprune.adapters.base import ModelAdapter
+from helpers import BareAdapter
 from vlmprune.budget import Keep, round_budget
 from vlmprune.cli.main import main
 from vlmprune.cost import TokenSchedule, estimate, get_shape
@@ -30,20 +30,6 @@ from vlmprune.testing import build_tiny_llava
 SIDE, BEFORE, AFTER = 6, 4, 7  # a 6 x 6 image between 4 and 7 text tokens
 N_IMAGE = SIDE * SIDE
 IMAGE = slice(BEFORE, BEFORE + N_IMAGE)
-
-
-class _BareAdapter(ModelAdapter):
-    """Only the q/k projection of the base adapter is used."""
-
-    family = "bare"
-    model_classes = ()
-    multimodal_module = text_model = None
-
-    def image_token_mask(self, inputs):
-        raise NotImplementedError
-
-    def image_grids(self, image_counts, inputs):
-        raise NotImplementedError
 
 
 def _layer(dtype: torch.dtype, seed: int = 0):
@@ -71,7 +57,7 @@ def _probe(config, layer, hidden) -> tuple[AttentionProbe, tuple[torch.Tensor, t
         n_image=[N_IMAGE],
     )
     cos_sin = LlamaRotaryEmbedding(config)(hidden, positions)
-    return AttentionProbe(_BareAdapter(None), layer, hidden, layout, cos_sin), cos_sin
+    return AttentionProbe(BareAdapter(None), layer, hidden, layout, cos_sin), cos_sin
 
 
 # 1. φKNN: the official count, and the official k shrink -------------------------------------------------------

@@ -1,7 +1,9 @@
 """Every method on tiny random Qwen2-VL, Qwen2.5-VL and Qwen3-VL models, against the independent references.
 
-Batches hold images of different sizes (dynamic grids) and a prompt with two images; positions are the models' own
-3-D M-RoPE positions; Qwen3-VL adds DeepStack features to its first two layers.
+The generic oracles come from `family_oracles` (the `family` fixture runs them on each Qwen family, with the cases
+in `EXTRA_CASES` added); this file keeps what is Qwen's own. Batches hold images of different sizes (dynamic grids)
+and a prompt with two images; positions are the models' own 3-D M-RoPE positions; Qwen3-VL adds DeepStack features
+to its first two layers.
 """
 
 from __future__ import annotations
@@ -16,35 +18,23 @@ import torch
 from PIL import Image
 
 import vlmprune
+from family_oracles import *  # noqa: F403 (the oracle tests every family runs)
+from family_oracles import CASES, Case, Family
+from helpers import renumber_flags
 from vlmprune.engine.compat import find_cache
 from vlmprune.errors import VlmpruneError
-from vlmprune.methods import METHODS
-from vlmprune.reference import pre_llm_greedy, pre_llm_logits, reference_greedy, reference_logits
+from vlmprune.reference import reference_greedy, reference_logits
 from vlmprune.testing.qwen_vl import QWEN_FAMILIES, build_tiny_qwen_processor, build_tiny_qwen_vl
 
-# Parameters that fit the tiny models (6 layers, 4 to 16 image tokens per image); a method registered later runs
-# with its defaults. Extra rows cover positions and DeepStack's layers.
-METHOD_PARAMS = {
-    "fastv": {},
-    "pdrop": {"layers": (2, 3, 5)},
-    "feather": {"layers": (2, 4)},
-    "random": {},
-    "uniform": {"layer": 2},
-    "knn": {"layer": 2, "keep": 8},
-    "btp": {"layers": (1, 2, 3, 4)},
-    "vispruner": {"keep": None, "ratio": 0.5},
-    "fastervlm": {"keep": None, "ratio": 0.5},
-    "cdpruner": {"keep": None, "ratio": 0.5},
-    "visionzip": {"keep": None, "ratio": 0.5},
-    "sparsevlm": {"layers": (2, 3, 5), "keep": 64},
+# Rows beyond the generic ones: positions, DeepStack's layers, a token count that fits 4 to 16 tokens per image.
+EXTRA_CASES = {
+    "fastv-renumbered": Case("fastv", {"layer": 3, "ratio": 0.75, "positions": "renumbered"}),
+    "fastv-inside-deepstack": Case("fastv", {"layer": 1, "ratio": 0.5}),  # between Qwen3-VL's two DeepStack layers
+    "random-before-the-llm": Case("random", {"layer": 0}),
+    "vispruner-renumbered": Case("vispruner", {"keep": 7, "positions": "renumbered"}),
+    "knn-token-count": Case("knn", {"layer": 2, "keep": 8}),
 }
-CASES = {name: (name, METHOD_PARAMS.get(name, {})) for name in METHODS}
-CASES |= {
-    "fastv-renumbered": ("fastv", {"layer": 3, "ratio": 0.75, "positions": "renumbered"}),
-    "fastv-inside-deepstack": ("fastv", {"layer": 1, "ratio": 0.5}),  # between Qwen3-VL's two DeepStack layers
-    "random-before-the-llm": ("random", {"layer": 0}),
-    "vispruner-renumbered": ("vispruner", {"keep": 7, "positions": "renumbered"}),
-}
+QWEN_CASES = CASES | EXTRA_CASES
 
 # transformers renamed the cache argument (5.2x: `cache`; `past_key_values` is still read, but not everywhere)
 CACHE_ARGUMENT = (
@@ -65,13 +55,25 @@ def one_thread():
 
 
 @functools.cache
-def tiny_model(family: str, backend: str):
-    return build_tiny_qwen_vl(family, attn_implementation=backend)
+def tiny_model(name: str, backend: str):
+    return build_tiny_qwen_vl(name, attn_implementation=backend)
 
 
 @functools.cache
-def tiny_processor(family: str):
-    return build_tiny_qwen_processor(family)
+def tiny_processor(name: str):
+    return build_tiny_qwen_processor(name)
+
+
+@pytest.fixture(scope="module", params=QWEN_FAMILIES)
+def qwen(request) -> str:
+    """The Qwen family every test of this module runs on."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family(qwen) -> Family:
+    models = {backend: tiny_model(qwen, backend) for backend in ("eager", "sdpa")}
+    return Family(models=models, make_inputs=functools.partial(make_inputs, qwen), size=len(PROMPTS), new_tokens=6)
 
 
 def random_image(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -79,8 +81,8 @@ def random_image(seed: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def make_inputs(family: str, samples: list[int]) -> dict:
-    processor = tiny_processor(family)
+def make_inputs(name: str, samples: list[int]) -> dict:
+    processor = tiny_processor(name)
     texts, images = [], []
     for b in samples:
         content = [{"type": "image"}] * len(IMAGE_SIZES[b]) + [{"type": "text", "text": PROMPTS[b]}]
@@ -89,103 +91,9 @@ def make_inputs(family: str, samples: list[int]) -> dict:
     return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
 
 
-def renumber_flags(method, depth: int) -> list[bool]:
-    flags, current = [], False
-    stages = {s.layer: s for s in method.stages()}
-    for layer in range(depth):
-        if layer in stages:
-            current = stages[layer].positions == "renumbered"
-        flags.append(current)
-    return flags
-
-
-def build(case: str):
-    name, params = CASES[case]
-    return vlmprune.build_method(name, **params)
-
-
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_pruned_forward_and_generation_equal_the_masked_reference(family, backend, case):
-    model, method = tiny_model(family, backend), build(case)
-    inputs = make_inputs(family, [0, 1])
-    with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        logits = model(**inputs).logits
-        rows = trace.output_index
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-    assert len(trace.stages) == len(method.stages())
-    renumber = renumber_flags(method, model.config.text_config.num_hidden_layers)
-    reference = reference_logits(model, inputs, trace, renumber)
-    for b in range(rows.shape[0]):
-        real = rows[b] >= 0
-        torch.testing.assert_close(logits[b, real], reference[b, rows[b, real]], atol=2e-4, rtol=1e-4)
-    assert torch.equal(generated, reference_greedy(model, inputs, trace, renumber, 6))
-
-
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_padded_batch_equals_samples_run_alone(family, case):
-    model, method = tiny_model(family, "sdpa"), build(case)
-    batch = make_inputs(family, [0, 1])
-    with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        together = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1] :]
-        kept_together = [[k.tolist() for k in stage.kept] for stage in trace.stages]
-        for b in range(2):
-            single = make_inputs(family, [b])
-            alone = model.generate(**single, max_new_tokens=6, do_sample=False)[:, single["input_ids"].shape[1] :]
-            assert torch.equal(together[b], alone[0]), f"sample {b} differs"
-            assert [stage.kept[0].tolist() for stage in trace.stages] == [k[b] for k in kept_together]
-
-
-PRE_LLM_CASES = [case for case in CASES if [s.layer for s in build(case).stages()] == [0]]
-
-
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-@pytest.mark.parametrize("case", PRE_LLM_CASES)
-def test_pruning_before_the_llm_equals_the_llm_run_on_the_kept_embeddings_alone(family, backend, case):
-    """For Qwen3-VL the reference is the unmodified stack given only the kept tokens' DeepStack additions."""
-    model, method = tiny_model(family, backend), build(case)
-    renumber = method.stages()[0].positions == "renumbered"
-    inputs = make_inputs(family, [0, 1])
-    with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        logits = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1] :]
-    rows = trace.output_index
-    for b, (columns, reference) in enumerate(pre_llm_logits(model, inputs, trace, renumber)):
-        real = rows[b] >= 0
-        assert torch.equal(rows[b, real], columns)
-        torch.testing.assert_close(logits[b, real], reference, atol=2e-4, rtol=1e-4)
-    for b, tokens in enumerate(pre_llm_greedy(model, inputs, trace, renumber, 6)):
-        assert torch.equal(generated[b], tokens), f"sample {b}"
-
-
-@pytest.mark.parametrize("backend", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_keeping_every_token_changes_nothing(family, backend):
-    model = tiny_model(family, backend)
-    inputs = make_inputs(family, [0, 1])
-    real = inputs["attention_mask"].bool()
-    with torch.no_grad():
-        expected = model(**inputs).logits
-        expected_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        for method in (
-            vlmprune.build_method("fastv", ratio=0.0),
-            vlmprune.build_method("random", layer=0, ratio=0.0),
-            vlmprune.build_method("pdrop", layers=(1, 3), keep_fractions=(1.0, 1.0), positions="original"),
-        ):
-            with vlmprune.prune(model, method):
-                logits = model(**inputs).logits
-                tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-            torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=1e-5)
-            assert torch.equal(tokens, expected_tokens)
-
-
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_each_image_is_its_own_grid(family):
-    model = tiny_model(family, "sdpa")
-    inputs = make_inputs(family, [0, 1])
+def test_each_image_is_its_own_grid(qwen):
+    model = tiny_model(qwen, "sdpa")
+    inputs = make_inputs(qwen, [0, 1])
     merge = 2
     per_image = [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
     with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("uniform", layer=2)) as trace:
@@ -195,12 +103,11 @@ def test_each_image_is_its_own_grid(family):
     assert stage.n_before == [sum(h * w for h, w in grids) for grids in stage.image_grids]
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_decoding_without_a_mask_continues_at_the_models_positions(family):
+def test_decoding_without_a_mask_continues_at_the_models_positions(qwen):
     """A manual decode loop with no attention mask: the model derives positions from the cache's length, which
     pruning before the LLM shortened; the adapter gives the original positions instead."""
-    model = tiny_model(family, "sdpa")
-    inputs = make_inputs(family, [0])
+    model = tiny_model(qwen, "sdpa")
+    inputs = make_inputs(qwen, [0])
     method = vlmprune.build_method("random", layer=0)
     with torch.no_grad(), vlmprune.prune(model, method):
         expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1] :]
@@ -212,11 +119,11 @@ def test_decoding_without_a_mask_continues_at_the_models_positions(family):
     assert torch.equal(torch.cat(tokens, dim=1)[0], expected)
 
 
-def video_inputs(family: str) -> dict:
+def video_inputs(name: str) -> dict:
     """One prompt with an image and a two-frame video (one temporal patch of 8x8 patches: 16 video tokens), built
     by hand: the tiny processor has no video processor. The word "picture" marks where the video goes."""
-    processor = tiny_processor(family)
-    vision = tiny_model(family, "sdpa").config.vision_config
+    processor = tiny_processor(name)
+    vision = tiny_model(name, "sdpa").config.vision_config
     content = [{"type": "image"}, {"type": "text", "text": "picture where is the cat"}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = dict(processor(text=[text], images=[[random_image(3, (84, 112))]], return_tensors="pt"))
@@ -233,11 +140,10 @@ def video_inputs(family: str) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
 @pytest.mark.parametrize("case", ["fastv", "vispruner", "fastv-inside-deepstack"])
-def test_video_runs_unpruned_with_a_notice_and_images_are_pruned_right(family, case):
-    model, method = tiny_model(family, "sdpa"), build(case)
-    inputs = video_inputs(family)
+def test_video_runs_unpruned_with_a_notice_and_images_are_pruned_right(qwen, case):
+    model, method = tiny_model(qwen, "sdpa"), QWEN_CASES[case].build()
+    inputs = video_inputs(qwen)
     n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
     with torch.no_grad(), vlmprune.prune(model, method) as trace:
         with pytest.warns(UserWarning, match="video tokens are not pruned"):
@@ -253,23 +159,11 @@ def test_video_runs_unpruned_with_a_notice_and_images_are_pruned_right(family, c
     assert torch.equal(generated, reference_greedy(model, inputs, trace, renumber, 4))
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-@pytest.mark.parametrize("case", ["fastv-renumbered", "fastv-inside-deepstack", "random-before-the-llm", "pdrop"])
-def test_generation_on_a_static_cache_equals_the_masked_reference(family, case):
-    model, method = tiny_model(family, "sdpa"), build(case)
-    inputs = make_inputs(family, [0, 1])
-    with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
-    renumber = renumber_flags(method, model.config.text_config.num_hidden_layers)
-    expected = reference_greedy(model, inputs, trace, renumber, 6)
-    assert torch.equal(generated[:, inputs["input_ids"].shape[1] :], expected)
-
-
 def test_deepstack_additions_matter_so_the_oracles_see_them():
     """Control for the DeepStack oracles: without the kept tokens' additions the LLM's output changes."""
     from vlmprune.reference import _kept_inputs, _run_alone
 
-    model, method = tiny_model("qwen3-vl", "sdpa"), build("random-before-the-llm")
+    model, method = tiny_model("qwen3-vl", "sdpa"), EXTRA_CASES["random-before-the-llm"].build()
     inputs = make_inputs("qwen3-vl", [0])
     with torch.no_grad(), vlmprune.prune(model, method) as trace:
         model(**inputs)
@@ -281,17 +175,16 @@ def test_deepstack_additions_matter_so_the_oracles_see_them():
     assert not torch.allclose(with_additions, without, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
 @pytest.mark.parametrize("case", ["fastv", "vispruner", "random-before-the-llm", "fastv-renumbered"])
-def test_host_syncs_beyond_the_unpruned_models(family, case):
+def test_host_syncs_beyond_the_unpruned_models(qwen, case):
     """A prefill reads the device twice more than the unpruned model (the counts, and the images' grids); a decode
     step no more often."""
     from vlmprune.engine.syncs import HostSyncCounter
 
-    model = tiny_model(family, "sdpa")
-    inputs = {k: v for k, v in make_inputs(family, [0, 1]).items()}
+    model = tiny_model(qwen, "sdpa")
+    inputs = {k: v for k, v in make_inputs(qwen, [0, 1]).items()}
     counts = []
-    for method in (None, build(case)):
+    for method in (None, QWEN_CASES[case].build()):
         prefill, decode = HostSyncCounter(), HostSyncCounter()
         with torch.no_grad(), vlmprune.prune(model, method) if method else contextlib.nullcontext():
             with prefill:
@@ -314,14 +207,13 @@ def test_host_syncs_beyond_the_unpruned_models(family, case):
     assert decode_pruned <= decode_unpruned, (decode_unpruned, decode_pruned)
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_vision_attention_is_per_image_and_in_token_order(family):
+def test_vision_attention_is_per_image_and_in_token_order(qwen):
     """The merged-grid attention of an image is the same in a batch as alone (the packed tower's images never see
     each other), sums to 1 over the image's tokens (mean attention received), and the window order of
     Qwen2.5-VL is undone: the merger's rows put in token order are the tower's own output."""
     from vlmprune.adapters import get_adapter
 
-    model = tiny_model(family, "sdpa")
+    model = tiny_model(qwen, "sdpa")
     adapter = get_adapter(model)
     captured = {}
 
@@ -339,7 +231,7 @@ def test_vision_attention_is_per_image_and_in_token_order(family):
     try:
         with torch.no_grad():
             for samples in ([0, 1], [0], [1]):
-                inputs = make_inputs(family, samples)
+                inputs = make_inputs(qwen, samples)
                 counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
                 pooled = adapter._visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
                 adapter.image_grids([sum(counts)], inputs)  # the adapter learns the prompt's grids
@@ -356,10 +248,9 @@ def test_vision_attention_is_per_image_and_in_token_order(family):
         torch.testing.assert_close(image.sum() * 4, torch.tensor(1.0), atol=1e-5, rtol=0)  # 4 patches per token
 
 
-@pytest.mark.parametrize("family", QWEN_FAMILIES)
-def test_visionzip_merges_in_the_input_embeddings_where_the_patch_merger_cannot_project_one_token(family):
-    model = tiny_model(family, "sdpa")
-    inputs = make_inputs(family, [0])
+def test_visionzip_merges_in_the_input_embeddings_where_the_patch_merger_cannot_project_one_token(qwen):
+    model = tiny_model(qwen, "sdpa")
+    inputs = make_inputs(qwen, [0])
     with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("visionzip", keep=8)) as trace:
         model(**inputs)
     assert trace.stages[0].merge_space == "hidden"

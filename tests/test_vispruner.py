@@ -17,7 +17,7 @@ from vlmprune.cli.main import main
 from vlmprune.criteria import ImportantDiverse, SelectionContext, VisionAttention
 from vlmprune.criteria.base import kept_positions
 from vlmprune.criteria.visual_cues import deduplicate
-from vlmprune.reference import pre_llm_greedy, pre_llm_logits
+from vlmprune.reference import positions_from_mask, pre_llm_greedy, pre_llm_logits
 from vlmprune.testing import LLAVA_CHAT_TEMPLATE, build_tiny_tokenizer, init_llava, tiny_llava_config
 
 # --- re-implementations from the reference notes -------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_without_cls_the_important_set_is_the_mean_attention_received_at_the_las
 
     method = vlmprune.build_method("vispruner", keep=40)
     with torch.no_grad(), vlmprune.prune(model, method) as trace:
-        logits = model(**inputs, position_ids=(inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)).logits
+        logits = model(**inputs, position_ids=positions_from_mask(inputs["attention_mask"])).logits
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1] :]
     for b, (columns, reference) in enumerate(pre_llm_logits(model, inputs, trace, renumber=True)):
         real = trace.output_index[b] >= 0
