@@ -149,8 +149,11 @@ class TextRaterAttention(Criterion):
         kept = keep_top(order, kept_count) & present
         recycled = keep_top(order, kept_count + recycled_count) & present & ~kept  # the most relevant pruned ones
         if self.recycle:
-            states = ctx.hidden_states().float()
-            centres = _density_peaks(states, recycled, clusters, order)
+            # distances among the recycled tokens only (a sample's width known on the host unless adaptive)
+            width = present.shape[1] if self.adaptive else max((p[1] for p in plans), default=0)
+            distance = _member_distances(ctx.hidden_states().float(), recycled, width)
+            ctx._cache["sparsevlm_distances"] = distance
+            centres = _density_peaks(distance, ctx.hidden_states().shape[-1], recycled, clusters, order)
         else:
             centres = torch.zeros_like(kept)
         roles = (kept, recycled, centres, relevance)
@@ -163,8 +166,7 @@ class TextRaterAttention(Criterion):
 
     def merge_weights(self, ctx: SelectionContext, budgets: list[int], keep: torch.Tensor) -> torch.Tensor:
         kept, recycled, centres, _ = self._roles(ctx)
-        states = ctx.hidden_states().float()
-        distance = _distances(states)  # (batch, m, m); the 1/√C scale changes no nearest centre
+        distance = ctx._cache["sparsevlm_distances"]  # among the recycled tokens, of which the centres are some
         distance = distance.masked_fill(~centres[:, None, :], float("inf"))
         slots = torch.arange(kept.shape[1], device=kept.device)
         own = centres[:, :, None] & (slots[None, :, None] == slots[None, None, :])
@@ -184,10 +186,13 @@ def _rank(weights: torch.Tensor, valid: torch.Tensor, present: torch.Tensor) -> 
     return (singular > tolerance).sum(dim=1)
 
 
-def _density_peaks(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """(batch, m) bool: the `clusters[b]` (batch, 1) DPC-kNN centres among each sample's `members` (batch, m) of the
-    states x (batch, m, C), k = `clusters[b]` neighbours per density (the code's `cluster_and_merge`); `order`
-    (batch, m) lists the slots by relevance, the order in which the code hands the recycled tokens over.
+def _density_peaks(
+    distance: torch.Tensor, channels: int, members: torch.Tensor, clusters: torch.Tensor, order: torch.Tensor
+) -> torch.Tensor:
+    """(batch, m) bool: the `clusters[b]` (batch, 1) DPC-kNN centres among each sample's `members` (batch, m), from
+    the Euclidean `distance` (batch, m, m) between their states of `channels` channels (`_member_distances`),
+    k = `clusters[b]` neighbours per density (the code's `cluster_and_merge`); `order` (batch, m) lists the slots
+    by relevance, the order in which the code hands the recycled tokens over.
 
     ρ_i = exp(−mean of the k smallest d_ij²) over the members (itself included), d_ij = ‖x_i − x_j‖ / √C;
     δ_i = min d_ij over the members denser than i, or the largest d among the members for the densest; centres: the
@@ -196,14 +201,14 @@ def _density_peaks(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tenso
     and what matters with one cluster, where k = 1 gives every token ρ = 1 (the centre is then the most relevant
     recycled token; the code's merged token is the same mean whatever the centre, but here the centre is its slot).
     """
-    _, m, channels = x.shape
-    d = _distances(x) / math.sqrt(channels)
+    m = distance.shape[1]
+    d = distance / math.sqrt(channels)
     pair = members[:, :, None] & members[:, None, :]
     nearest = torch.sort(d.masked_fill(~members[:, None, :], float("inf")), dim=-1).values
-    rank = torch.arange(m, device=x.device)
+    rank = torch.arange(m, device=d.device)
     counted = rank[None, None, :] < clusters[:, :, None]  # (batch, 1, m)
     density = torch.exp(-torch.where(counted, nearest, 0.0).pow(2).sum(dim=-1) / clusters.clamp(min=1))
-    ranks = torch.arange(m, device=x.device).expand_as(order)
+    ranks = torch.arange(m, device=d.device).expand_as(order)
     priority = torch.empty_like(order).scatter_(1, order, ranks)  # each slot's place in relevance order
     denser = (density[:, None, :] > density[:, :, None]) | (
         (density[:, None, :] == density[:, :, None]) & (priority[:, None, :] < priority[:, :, None])
@@ -216,8 +221,17 @@ def _density_peaks(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tenso
     return keep_top(by_score, clusters) & members
 
 
-def _distances(x: torch.Tensor) -> torch.Tensor:
-    """(batch, m, m) Euclidean distances between the rows of x (batch, m, C), computed pairwise as the code's
-    `(x1 - x2).norm()`: the matrix-product shortcut leaves the diagonal off zero, and k = 1 densities (one cluster)
-    then differ by rounding noise instead of tying."""
-    return torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
+def _member_distances(x: torch.Tensor, members: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, m, m) Euclidean distances between the rows of x (batch, m, C) that are `members` (batch, m), at most
+    `width` per sample; 0 where either is not a member. Computed pairwise on the members alone (a few dozen of the
+    m slots), as the code's `(x1 - x2).norm()`: the matrix-product shortcut leaves the diagonal off zero, and k = 1
+    densities (one cluster) then differ by rounding noise instead of tying."""
+    batch, m, channels = x.shape
+    width = min(width, m)
+    slots = torch.sort(members.int(), dim=1, descending=True, stable=True).indices[:, :width]  # members first
+    inside = torch.gather(members, 1, slots)
+    rows = torch.gather(x, 1, slots[:, :, None].expand(-1, -1, channels))
+    among = torch.cdist(rows, rows, compute_mode="donot_use_mm_for_euclid_dist")  # (batch, width, width)
+    among = among.masked_fill(~(inside[:, :, None] & inside[:, None, :]), 0.0)
+    flat = (slots[:, :, None] * m + slots[:, None, :]).flatten(1)  # (batch, width²) into the (m, m) grid
+    return x.new_zeros(batch, m * m).scatter(1, flat, among.flatten(1)).view(batch, m, m)
