@@ -331,6 +331,17 @@ def test_training_runs_and_an_interrupted_run_continues_identically(tmp_path):
     assert os.path.isfile(tmp_path / "b" / "model" / "model.safetensors")
 
 
+def test_batches_rendered_by_workers_train_the_same_weights(tmp_path):
+    torch.set_num_threads(1)
+    config = tiny_train_config()
+    alone = train(str(tmp_path / "a"), config, max_steps=4, log=None)
+    helped = train(str(tmp_path / "b"), config, max_steps=1, log=None, workers=2)
+    helped = train(str(tmp_path / "b"), resume=True, max_steps=3, log=None, workers=2)  # across the stage boundary
+    assert (helped.stage, helped.step, helped.images) == (alone.stage, alone.step, alone.images)
+    a, b = _weights(alone), _weights(helped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_drops_the_log_records_of_steps_after_the_checkpoint(tmp_path):
     config = tiny_train_config(log_every_steps=1)
     out = str(tmp_path / "run")

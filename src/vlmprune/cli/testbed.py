@@ -54,6 +54,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
     train.add_argument("--device", type=device, default="cpu", help="torch device (default: cpu)")
     train.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="processes rendering the next batches while a step runs (default: 0, rendered in the step); the "
+        "result is the same with any number",
+    )
+    train.add_argument(
         "--set",
         type=key_value,
         action="append",
@@ -195,7 +203,7 @@ def _train(args: argparse.Namespace) -> int:
         shutil.copyfile(args.start_from, checkpoint)
         args.resume = True
     if os.path.exists(checkpoint):  # with --resume (`check`)
-        trainer = Trainer.resume(args.out, device=args.device)
+        trainer = Trainer.resume(args.out, device=args.device, workers=args.workers)
         try:
             trainer.reconfigure(overrides)
         except ValueError as error:
@@ -204,7 +212,7 @@ def _train(args: argparse.Namespace) -> int:
             trainer._log({"event": "start_from", "checkpoint": os.path.abspath(args.start_from)})
         print(f"resuming {args.out}: stage {trainer.stage}, step {trainer.step}, {trainer.images} images")
     else:
-        trainer = Trainer(args.out, _new_config(args, overrides), device=args.device)
+        trainer = Trainer(args.out, _new_config(args, overrides), device=args.device, workers=args.workers)
     stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps)
     print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
     return 0
@@ -223,6 +231,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         argv += ["--threads", str(args.threads)]
     if args.device != "cpu":
         argv += ["--device", args.device]
+    if args.workers:
+        argv += ["--workers", str(args.workers)]
     for item in args.set:
         argv += ["--set", item]
     return argv

@@ -40,7 +40,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -331,6 +331,22 @@ class _Batcher:
         }
 
 
+class _StageBatches(torch.utils.data.Dataset):
+    """The batches of a stage from image `first` on, item k starting at image `first + k * batch`: each a pure
+    function of (seed, stage, index), so workers build them in any order and a run is bit-identical with any number
+    of workers, and resumes at its image count."""
+
+    def __init__(self, batcher: _Batcher, stage: str, first: int, batch: int, count: int) -> None:
+        self.batcher, self.stage, self.first, self.batch, self.count = batcher, stage, first, batch, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        start = self.first + k * self.batch
+        return self.batcher.vision_batch(start) if self.stage == "vision" else self.batcher.lm_batch(start)
+
+
 def lm_logits(
     model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -407,10 +423,18 @@ class Trainer:
     """One training run in `out`: `Trainer(out, config).run(minutes=...)`; `Trainer.resume(out)` continues."""
 
     def __init__(
-        self, out: str, config: TrainConfig, *, log: Callable[[str], None] | None = print, device: str = "cpu"
+        self,
+        out: str,
+        config: TrainConfig,
+        *,
+        log: Callable[[str], None] | None = print,
+        device: str = "cpu",
+        workers: int = 0,
     ) -> None:
         self.out = out
         self.device = torch.device(device)
+        self.workers = workers  # processes rendering the next batches while a step runs (0: rendered in the step)
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = None
         self.config = config
         self.print = log or (lambda _: None)
         os.makedirs(out, exist_ok=True)
@@ -537,10 +561,12 @@ class Trainer:
         self.model.to(self.device)
 
     @classmethod
-    def resume(cls, out: str, *, log: Callable[[str], None] | None = print, device: str = "cpu") -> Trainer:
+    def resume(
+        cls, out: str, *, log: Callable[[str], None] | None = print, device: str = "cpu", workers: int = 0
+    ) -> Trainer:
         """The trainer of `out/checkpoint.pt`, in the state it was saved in."""
         state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False, map_location="cpu")
-        trainer = cls(out, TrainConfig(**state["config"]), log=log, device=device)
+        trainer = cls(out, TrainConfig(**state["config"]), log=log, device=device, workers=workers)
         trainer.stage = state["stage"]
         trainer.step, trainer.images, trainer.questions = state["step"], state["images"], state["questions"]
         trainer.train_seconds = state["train_seconds"]
@@ -611,20 +637,36 @@ class Trainer:
         self._log(record)
 
     # -- steps
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The batch starting at the stage's current image, built here or by the workers ahead of time."""
+        if self.workers == 0:
+            build = self.batcher.vision_batch if self.stage == "vision" else self.batcher.lm_batch
+            return build(self.images)
+        if self._batches is None:  # from here to the stage's end, in order (reset when the stage or recipe changes)
+            size = self.config.vision_batch if self.stage == "vision" else self.config.lm_batch
+            count = self.config.steps(self.stage) - self.step
+            stream = _StageBatches(self.batcher, self.stage, self.images, size, count)
+            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers, prefetch_factor=4)
+            self._batches = iter(loader)
+        return next(self._batches)
+
     def _train_step(self) -> None:
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
+        # bf16 on CUDA (float32 weights and optimizer); on CPU every step is float32, as before
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        batch = _to(self._next_batch(), self.device)
         if self.stage == "vision":
-            batch = _to(self.batcher.vision_batch(self.images), self.device)
-            hidden = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
-            loss, metrics = self.heads.loss(hidden, batch["targets"])
+            with autocast:
+                hidden = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+                loss, metrics = self.heads.loss(hidden, batch["targets"])
             n_images = config.vision_batch
         else:
-            batch = _to(self.batcher.lm_batch(self.images), self.device)
-            logits, hidden = lm_logits(self.model, batch)
-            lm_loss = F.cross_entropy(logits, batch["labels"])
-            dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"])
-            loss = lm_loss + config.dense_weight * dense_loss
+            with autocast:
+                logits, hidden = lm_logits(self.model, batch)
+                lm_loss = F.cross_entropy(logits.float(), batch["labels"])
+                dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"])
+                loss = lm_loss + config.dense_weight * dense_loss
             accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
             metrics = {
                 "lm_loss": lm_loss.item(),
@@ -660,6 +702,7 @@ class Trainer:
         start = time.time()
         last_checkpoint = start
         steps = 0
+        self._batches = None  # the recipe may have changed since the last call (`reconfigure`)
         stop = _StopOnSignal()
         try:
             if self.stage == "vision" and self.step == 0:
@@ -684,6 +727,7 @@ class Trainer:
                     self._flush_train_log()
                     self.evaluate()
                 if stage_over:
+                    self._batches = None
                     self.print(f"stage {self.stage} done after {self.images} images")
                     self.stage = "lm" if self.stage == "vision" and self.config.lm_images > 0 else "done"
                     self.step, self.images = 0, 0
@@ -703,6 +747,7 @@ class Trainer:
             self.save()
         finally:
             stop.restore()
+            self._batches = None  # the workers end with their iterator
         return self.stage
 
 
@@ -715,14 +760,16 @@ def train(
     max_steps: int | None = None,
     log: Callable[[str], None] | None = print,
     device: str = "cpu",
+    workers: int = 0,
 ) -> Trainer:
-    """Start (or with `resume`, continue) the run in `out`; see `Trainer.run`. Returns the trainer."""
+    """Start (or with `resume`, continue) the run in `out`; see `Trainer.run`. Returns the trainer. `workers`
+    processes render the next batches while a step runs; the result is the same with any number."""
     checkpoint = os.path.join(out, "checkpoint.pt")
     if resume and os.path.exists(checkpoint):
-        trainer = Trainer.resume(out, log=log, device=device)
+        trainer = Trainer.resume(out, log=log, device=device, workers=workers)
     else:
         if os.path.exists(checkpoint):
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass resume to continue it")
-        trainer = Trainer(out, config or TrainConfig(), log=log, device=device)
+        trainer = Trainer(out, config or TrainConfig(), log=log, device=device, workers=workers)
     trainer.run(minutes=minutes, max_steps=max_steps)
     return trainer
