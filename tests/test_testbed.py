@@ -342,6 +342,26 @@ def test_batches_rendered_by_workers_train_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_no_patch_is_trained_on_its_objects_box_unless_the_ablation_asks(tmp_path):
+    torch.set_num_threads(1)
+    trainer = train(str(tmp_path / "a"), tiny_train_config(), max_steps=0, log=None)
+    assert trainer.config.patch_box_target is False
+    batch = trainer.batcher.vision_batch(0)
+    with torch.no_grad():
+        hidden = trainer.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+        moved = {**batch["targets"], "box": 1.0 - batch["targets"]["box"]}
+        assert torch.equal(trainer.heads.loss(hidden, batch["targets"])[0], trainer.heads.loss(hidden, moved)[0])
+        assert not torch.equal(
+            trainer.heads.loss(hidden, batch["targets"], box=True)[0], trainer.heads.loss(hidden, moved, box=True)[0]
+        )
+    # a run saved before the field existed trained with the box target, and resumes with it
+    checkpoint = tmp_path / "a" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    del state["config"]["patch_box_target"]
+    torch.save(state, checkpoint)
+    assert train(str(tmp_path / "a"), resume=True, max_steps=0, log=None).config.patch_box_target is True
+
+
 def test_resume_drops_the_log_records_of_steps_after_the_checkpoint(tmp_path):
     config = tiny_train_config(log_every_steps=1)
     out = str(tmp_path / "run")

@@ -6,11 +6,12 @@ pretrained CLIP; here the tower is first given dense supervision of its own:
 
 1. "vision": the CLIP tower alone, with linear heads on its patch features (layer -2, which the LM reads, and
    the last layer, so no layer stays random) predicting per patch: foreground fraction; colour, shape and
-   size of the object covering it (or background); that object's box; and the patch's row and column
-   (RoPE does not put positions into the values the LM reads, so the features must carry them).
-   A consequence to keep in mind when reading pruning results: every patch of an object is trained to carry
-   that object's box, so a box stays recoverable while any one patch of the object is kept; dropping all of
-   an object's patches (e.g. every top row) removes it. Real CLIP features are less explicit than this.
+   size of the object covering it (or background); and the patch's row and column (RoPE does not put positions
+   into the values the LM reads, so the features must carry them). No patch is trained to carry its object's
+   box: the language model has to read a box off the positions and content of the tokens it gets, so pruning
+   an object's tokens can hurt localization as it does in a real VLM. `patch_box_target=True` (an ablation,
+   and the recipe of checkpoints trained before it existed) adds that object's box to every patch's targets;
+   a box then stays recoverable while any one patch of the object is kept.
 2. "lm": projector + Llama on question answering, the tower at a lower learning rate with the dense loss
    kept as an auxiliary term (weight `dense_weight`) so its features do not drift. Each image carries several
    question-answer blocks that share the image prefix: block `j` attends to the prefix and causally to
@@ -92,6 +93,7 @@ class TrainConfig:
     lm_lr: float = 3e-4
     tower_lr_scale: float = 0.1
     dense_weight: float = 0.5
+    patch_box_target: bool = False  # ablation: every object patch also predicts its object's box (see above)
     easy_images: int = 32_000
     # both stages
     warmup_steps: int = 100
@@ -182,12 +184,13 @@ class DenseHeads(nn.Module):
         return dict(zip(self.sizes, out.split(list(self.sizes.values()), dim=-1), strict=True))
 
     def loss(
-        self, hidden_states: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor]
+        self, hidden_states: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor], box: bool = False
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean dense loss over the heads, and accuracies of the first head (the layer the LM reads).
 
         `hidden_states`: the tower's per-layer states `(batch, 1 + patches, hidden)` ([CLS] first);
-        `targets`: `patch_targets` stacked over the batch, each `(batch, patches[, 4])`.
+        `targets`: `patch_targets` stacked over the batch, each `(batch, patches[, 4])`; `box`: whether each object
+        patch also predicts its object's box (`TrainConfig.patch_box_target`).
         """
         total = hidden_states[0].new_zeros(())
         metrics: dict[str, float] = {}
@@ -197,7 +200,7 @@ class DenseHeads(nn.Module):
             loss = F.binary_cross_entropy_with_logits(logits["fg"].squeeze(-1), targets["fg"])
             for name in ("colour", "shape", "size", "row", "col"):
                 loss = loss + F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=-100)
-            if obj.any():
+            if box and obj.any():
                 loss = loss + 10.0 * F.smooth_l1_loss(logits["box"][obj].sigmoid(), targets["box"][obj], beta=0.05)
             total = total + loss / len(self.layers)
             if index == 0:
@@ -211,7 +214,7 @@ class DenseHeads(nn.Module):
                         metrics[f"{name}_acc"] = float(right.mean()) if obj.any() else 0.0
                     rowcol = (logits["row"].argmax(-1) == targets["row"]) & (logits["col"].argmax(-1) == targets["col"])
                     metrics["rowcol_acc"] = float(rowcol.float().mean())
-                    if obj.any():
+                    if box and obj.any():
                         metrics["box_l1"] = float((logits["box"][obj].sigmoid() - targets["box"][obj]).abs().mean())
         return total, metrics
 
@@ -566,7 +569,8 @@ class Trainer:
     ) -> Trainer:
         """The trainer of `out/checkpoint.pt`, in the state it was saved in."""
         state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False, map_location="cpu")
-        trainer = cls(out, TrainConfig(**state["config"]), log=log, device=device, workers=workers)
+        stored = {"patch_box_target": True, **state["config"]}  # runs from before the field trained with it
+        trainer = cls(out, TrainConfig(**stored), log=log, device=device, workers=workers)
         trainer.stage = state["stage"]
         trainer.step, trainer.images, trainer.questions = state["step"], state["images"], state["questions"]
         trainer.train_seconds = state["train_seconds"]
@@ -615,7 +619,7 @@ class Trainer:
         pixels = _pixels([s.image() for s in scenes], self.batcher.mean, self.batcher.std).to(self.device)
         hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         targets = {k: v.to(self.device) for k, v in _targets(scenes, self.batcher.patch).items()}
-        _, metrics = self.heads.loss(hidden, targets)
+        _, metrics = self.heads.loss(hidden, targets, self.config.patch_box_target)
         return metrics
 
     def evaluate(self) -> None:
@@ -659,13 +663,13 @@ class Trainer:
         if self.stage == "vision":
             with autocast:
                 hidden = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
-                loss, metrics = self.heads.loss(hidden, batch["targets"])
+                loss, metrics = self.heads.loss(hidden, batch["targets"], config.patch_box_target)
             n_images = config.vision_batch
         else:
             with autocast:
                 logits, hidden = lm_logits(self.model, batch)
                 lm_loss = F.cross_entropy(logits.float(), batch["labels"])
-                dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"])
+                dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"], config.patch_box_target)
                 loss = lm_loss + config.dense_weight * dense_loss
             accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
             metrics = {
