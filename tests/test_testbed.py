@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -360,6 +361,24 @@ def test_no_patch_is_trained_on_its_objects_box_unless_the_ablation_asks(tmp_pat
     del state["config"]["patch_box_target"]
     torch.save(state, checkpoint)
     assert train(str(tmp_path / "a"), resume=True, max_steps=0, log=None).config.patch_box_target is True
+
+
+def test_a_scaled_recipe_sees_the_same_images_in_fewer_larger_steps(tmp_path, capsys):
+    from vlmprune.testbed.train import scaled_recipe
+
+    config = TrainConfig()
+    scaled = scaled_recipe(config, 4)
+    assert (scaled.vision_batch, scaled.lm_batch) == (4 * config.vision_batch, 4 * config.lm_batch)
+    assert scaled.lm_lr == pytest.approx(2 * config.lm_lr) and scaled.vision_lr == pytest.approx(2 * config.vision_lr)
+    assert scaled.steps("lm") == math.ceil(config.steps("lm") / 4) and scaled.lm_images == config.lm_images
+    with pytest.raises(ValueError, match="whole number"):
+        scaled_recipe(config, 0)
+    out = tmp_path / "run"
+    args = ["testbed", "train", "--out", str(out), "--max-steps", "0", "--set", f"model={TINY_MODEL!r}"]
+    assert main([*args, "--batch-scale", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["vision_batch"] == 2 * config.vision_batch
+    assert main([*args, "--resume", "--batch-scale", "2"]) == 2
+    assert "--batch-scale sets up a new run" in capsys.readouterr().err
 
 
 def test_resume_drops_the_log_records_of_steps_after_the_checkpoint(tmp_path):

@@ -62,6 +62,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "result is the same with any number",
     )
     train.add_argument(
+        "--batch-scale",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="a new run's batches K times larger, learning rates times sqrt(K), warm-up K times shorter in steps "
+        "(for a GPU; default: 1)",
+    )
+    train.add_argument(
         "--set",
         type=key_value,
         action="append",
@@ -161,6 +169,8 @@ def _check_train(args: argparse.Namespace) -> None:
     held = os.path.exists(os.path.join(args.out, "checkpoint.pt"))
     if held and args.start_from is not None:
         raise CommandError(f"{args.out} already holds a run; --from starts a new run in an empty directory")
+    if (held or args.start_from is not None) and args.batch_scale != 1:
+        raise CommandError("--batch-scale sets up a new run; a resumed or --from run keeps its own batches")
     if held and not args.resume:
         raise CommandError(f"{args.out} already holds a run; pass --resume to continue it, or another --out")
     if not held and args.start_from is None:  # a new run: its configuration (a resumed one is checked on load)
@@ -168,10 +178,11 @@ def _check_train(args: argparse.Namespace) -> None:
 
 
 def _new_config(args: argparse.Namespace, overrides: dict[str, object]):
-    from vlmprune.testbed.train import TrainConfig
+    from vlmprune.testbed.train import TrainConfig, scaled_recipe
 
     try:
-        return TrainConfig(**{**overrides, "seed": overrides.get("seed", args.seed)})  # type: ignore[arg-type]
+        config = TrainConfig(**{**overrides, "seed": overrides.get("seed", args.seed)})  # type: ignore[arg-type]
+        return scaled_recipe(config, args.batch_scale)
     except (TypeError, ValueError) as error:
         raise CommandError(f"--set: invalid training configuration: {error}") from None
 
@@ -233,6 +244,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         argv += ["--device", args.device]
     if args.workers:
         argv += ["--workers", str(args.workers)]
+    if args.batch_scale != 1:
+        argv += ["--batch-scale", str(args.batch_scale)]
     for item in args.set:
         argv += ["--set", item]
     return argv

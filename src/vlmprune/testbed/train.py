@@ -69,7 +69,17 @@ from vlmprune.testbed.scenes import (
     scene_seed,
 )
 
-__all__ = ["LM_FIELDS", "LOGGING_FIELDS", "DenseHeads", "TrainConfig", "Trainer", "lm_logits", "train", "trim_log"]
+__all__ = [
+    "LM_FIELDS",
+    "LOGGING_FIELDS",
+    "DenseHeads",
+    "TrainConfig",
+    "Trainer",
+    "lm_logits",
+    "scaled_recipe",
+    "train",
+    "trim_log",
+]
 
 _SEED_STRIDE = 40_000_000  # training scenes of seed s: [s * stride, (s + 1) * stride), all below the test range
 _LM_SCENE_OFFSET = 20_000_000  # the LM stage's scenes start here within a seed's range
@@ -126,6 +136,24 @@ class TrainConfig:
         if stage == "vision":
             return math.ceil(self.vision_images / self.vision_batch)
         return math.ceil(self.lm_images / self.lm_batch)
+
+
+def scaled_recipe(config: TrainConfig, factor: int) -> TrainConfig:
+    """`config` with `factor` times the batches of both stages, learning rates scaled by √factor (Adam's square-root
+    rule) and warm-up steps divided by `factor`, so the same images are seen in `factor` times fewer steps: the
+    recipe for hardware that takes larger batches (a GPU). Evaluation and logging stay per image."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"the batch scale must be a whole number >= 1, got {factor!r}")
+    root = math.sqrt(factor)
+    return dataclasses.replace(
+        config,
+        vision_batch=config.vision_batch * factor,
+        lm_batch=config.lm_batch * factor,
+        vision_lr=config.vision_lr * root,
+        lm_lr=config.lm_lr * root,
+        warmup_steps=max(1, config.warmup_steps // factor),
+        log_every_steps=max(1, config.log_every_steps // factor),
+    )
 
 
 # fields a resumed run may change (see `Trainer.reconfigure`)
