@@ -29,9 +29,11 @@ def models(tiny_config):
     return {impl: build_tiny_llava(tiny_config, attn_implementation=impl, seed=0) for impl in ("eager", "sdpa")}
 
 
-def random_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+def random_image(seed: int, size: int | tuple[int, int] = IMAGE_SIZE) -> Image.Image:
+    """Random pixels of a square `size` side, or (height, width) `size`."""
+    height, width = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="session")

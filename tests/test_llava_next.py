@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vlmprune
+from conftest import random_image
 from family_oracles import *  # noqa: F403 (the oracle tests every family runs)
 from family_oracles import Family
 from vlmprune.adapters import get_adapter
@@ -24,10 +23,6 @@ SIZES = [(100, 100), (30, 112), (100, 60)]
 PROMPTS = ["what is the color of the large object on the left", "where is the cat", "is it red"]
 
 
-def image(seed: int, size: tuple[int, int]) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
-
-
 @pytest.fixture(scope="module")
 def processor():
     return build_tiny_llava_next_processor()
@@ -40,7 +35,7 @@ def family(processor):
 
     def make_inputs(indices: list[int]) -> dict:
         texts = [f"USER: <image>\n{PROMPTS[i]} ASSISTANT:" for i in indices]
-        images = [image(i, SIZES[i]) for i in indices]
+        images = [random_image(i, SIZES[i]) for i in indices]
         return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 
     return Family(models=models, make_inputs=make_inputs, size=len(SIZES))

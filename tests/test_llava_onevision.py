@@ -10,12 +10,11 @@ from __future__ import annotations
 import inspect
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vlmprune
+from conftest import random_image
 from family_oracles import *  # noqa: F403 (the oracle tests every family runs)
 from family_oracles import Family
 from vlmprune.adapters import get_adapter
@@ -30,10 +29,6 @@ FRAMES = 4
 SAMPLES = [((100, 100), False), (None, True), ((100, 60), True)]
 PROMPTS = ["what is the color of the large object on the left", "where is the cat", "is it red"]
 STAND_IN = "ten"  # a word the prompts never use, replaced by the video placeholder id
-
-
-def image(seed: int, size: tuple[int, int]) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +50,7 @@ def family(processor):
             parts = ["USER:"]
             if size is not None:
                 parts.append("<image>\n")
-                images.append(image(i, size))
+                images.append(random_image(i, size))
             if video:
                 parts.append(" ".join([STAND_IN] * video_tokens) + "\n")
                 generator = torch.Generator().manual_seed(i)
@@ -139,7 +134,9 @@ def test_vision_features_follow_the_models_own_packing_and_pooling(family):
 def test_several_images_in_one_prompt_are_one_crop_each(family, processor):
     model = family.models["sdpa"]
     text = ["USER: <image>\n<image>\ncompare the two pictures ASSISTANT:"]
-    inputs = dict(processor(images=[[image(0, (100, 100)), image(1, (30, 112))]], text=text, return_tensors="pt"))
+    inputs = dict(
+        processor(images=[[random_image(0, (100, 100)), random_image(1, (30, 112))]], text=text, return_tensors="pt")
+    )
     with torch.no_grad(), vlmprune.prune(model, vlmprune.build_method("fastv", ratio=0.75)) as trace:
         model(**inputs)
     assert trace.stages[0].image_grids == [[(4, 4), (4, 4)]]

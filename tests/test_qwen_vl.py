@@ -12,12 +12,11 @@ import contextlib
 import functools
 import inspect
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vlmprune
+from conftest import random_image
 from family_oracles import *  # noqa: F403 (the oracle tests every family runs)
 from family_oracles import CASES, Case, Family
 from helpers import renumber_flags
@@ -74,11 +73,6 @@ def qwen(request) -> str:
 def family(qwen) -> Family:
     models = {backend: tiny_model(qwen, backend) for backend in ("eager", "sdpa")}
     return Family(models=models, make_inputs=functools.partial(make_inputs, qwen), size=len(PROMPTS), new_tokens=6)
-
-
-def random_image(seed: int, size: tuple[int, int]) -> Image.Image:
-    height, width = size
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def make_inputs(name: str, samples: list[int]) -> dict:

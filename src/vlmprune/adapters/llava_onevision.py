@@ -72,22 +72,6 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         grids = ((pooled_side, pooled_side),) * frames
         return [VisualItem("video", grids, "end", crops=frames) for _ in range(videos)]  # one object each
 
-    def _image_item(self, size: tuple[int, int], patched: bool = True) -> VisualItem:
-        from transformers.models.llava_onevision.modeling_llava_onevision import (
-            get_anyres_image_grid_shape,
-            unpad_image,
-        )
-
-        side, config = self.side, self.model.config
-        if not patched:
-            return VisualItem("image", ((side, side),), "end", crops=1)
-        crop_rows, crop_cols = get_anyres_image_grid_shape(
-            list(size), config.image_grid_pinpoints, config.vision_config.image_size
-        )
-        height, width = crop_rows * side, crop_cols * side
-        rows, cols = unpad_image(torch.empty(0, height, width), list(size)).shape[1:]
-        return self._crop_item(crop_rows, crop_cols, ((height - rows) // 2, (width - cols) // 2, rows, cols))
-
     def _resized(self, rows: int, cols: int) -> tuple[int, int]:
         """anyres_max: the grid interpolated down to about N crops' patches when it is more than 1.1 times larger."""
         max_crops = int(self.model.config.vision_aspect_ratio.removeprefix("anyres_max_"))

@@ -131,9 +131,7 @@ class OneStageMethod(Method):
 
     def budget(self) -> Keep:
         """`keep` tokens, or `1 − ratio` of the original image tokens rounded as the official code rounds."""
-        if self.keep is not None:
-            return Keep.count(self.keep)
-        return Keep.fraction_of_original(1.0 - self.ratio, rounding=self.rounding)
+        return _keep_or_ratio(self.keep, self.ratio, self.rounding)
 
     def stages(self) -> list[Stage]:
         return [
@@ -184,9 +182,14 @@ class PreLLMMethod(Method):
         """What chooses the kept tokens."""
 
     def budget(self) -> Keep:
-        if self.keep is not None:
-            return Keep.count(self.keep)
-        return Keep.fraction_of_original(1.0 - self.ratio, rounding=self.rounding)
+        return _keep_or_ratio(self.keep, self.ratio, self.rounding)
 
     def stages(self) -> list[Stage]:
         return [Stage(layer=0, criterion=self.criterion(), budget=self.budget(), positions=self.positions)]
+
+
+def _keep_or_ratio(keep: int | None, ratio: float | None, rounding: Rounding) -> Keep:
+    """`keep` image tokens, or `1 − ratio` of the original ones rounded by `rounding`."""
+    if keep is not None:
+        return Keep.count(keep)
+    return Keep.fraction_of_original(1.0 - ratio, rounding=rounding)
