@@ -45,9 +45,10 @@ def test_demo_compares_every_method_at_matched_flops(random_testbed, tmp_path, c
     reductions = [r["flops_reduction"] for r in rows[1:] if r["method"] not in ("pooling", "sparsevlm")]
     assert max(reductions) - min(reductions) < 0.05  # matched compute (whole-number knobs: the value nearest to it)
     assert rows[0]["flops_reduction"] == 0.0 and rows[0]["prefill_speedup"] == 1.0
+    assert rows[0]["target_kept"] is None and all(0.0 <= r["target_kept"] <= 1.0 for r in rows[1:])
     assert (tmp_path / "kept_tokens.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
-    assert "feather" in printed and "(blind)" in printed
+    assert "feather" in printed and "(blind)" in printed and "target kept" in printed
 
 
 def test_demo_without_a_checkpoint_says_how_to_get_one(tmp_path, capsys):

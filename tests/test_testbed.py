@@ -554,3 +554,28 @@ def test_shipped_checkpoint_scores_what_was_recorded_and_beats_answering_blind(s
 def test_shipped_checkpoint_meets_the_quality_bars(shipped_result):
     assert shipped_result.localization_acc >= LOCALIZATION_BAR
     assert shipped_result.other_acc >= OTHER_BAR
+
+
+def test_referred_object_patches_are_the_patches_holding_its_pixels():
+    from vlmprune.testbed.dependence import referred_object_patches
+
+    scene, where, _ = eval_questions("test", 3)
+    patches = referred_object_patches(scene, where.box, 14)
+    x1, y1, x2, y2 = (round(v * IMAGE_SIZE) for v in where.box)
+    rows, cols = np.divmod(np.flatnonzero(patches), IMAGE_SIZE // 14)
+    assert patches.shape == ((IMAGE_SIZE // 14) ** 2,) and patches.any()
+    assert rows.min() == y1 // 14 and rows.max() == (y2 - 1) // 14  # the box's first and last pixel rows
+    assert cols.min() == x1 // 14 and cols.max() == (x2 - 1) // 14
+
+
+@needs_checkpoint
+def test_shipped_localization_rests_on_the_referred_objects_tokens():
+    """Dropping every patch of the object asked about costs far more localization than dropping as many others."""
+    from vlmprune.testbed.dependence import referred_object_dependence
+
+    processor, model = load_testbed()
+    result = referred_object_dependence(model, processor, limit=100)
+    referred_loss = result.unpruned - result.referred_dropped
+    others_loss = result.unpruned - result.others_dropped
+    assert referred_loss >= 0.5 * result.unpruned, result.summary()
+    assert referred_loss >= 3 * max(others_loss, 0.02), result.summary()

@@ -66,19 +66,23 @@ def run(args: argparse.Namespace) -> int:
         model, processor, limit=args.limit, batch_size=args.batch_size, timing_rounds=args.timing_rounds
     )
     print()
-    header = ["loc acc", "other acc", "FLOPs red.", "prefill (min-max)", "kept rows (0 top, 1 bottom)"]
-    print(f"{'method':14s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, (8, 9, 10, 18, 28), strict=True)))
+    header = ["loc acc", "other acc", "FLOPs red.", "prefill (min-max)", "kept rows (0 top, 1 bottom)", "target kept"]
+    widths = (8, 9, 10, 18, 28, 11)
+    print(f"{'method':14s} " + " ".join(f"{h:>{w}s}" for h, w in zip(header, widths, strict=True)))
     for r in rows:
         vertical = "-" if r.mean_vertical_position is None else f"{r.mean_vertical_position:.3f}"
+        target = "-" if r.target_kept is None else f"{r.target_kept:.0%}"
         low, high = r.prefill_speedup_spread
         speed = f"{r.prefill_speedup:.2f}x ({low:.2f}-{high:.2f})"
         print(
             f"{r.method:14s} {r.localization_acc:8.3f} {r.other_acc:9.3f} {r.flops_reduction:10.0%} "
-            f"{speed:>18s} {vertical:>28s}"
+            f"{speed:>18s} {vertical:>28s} {target:>11s}"
         )
     prior = prior_baseline(limit=args.limit)
     print(f"{'(blind)':14s} {prior.localization_acc:8.3f} {prior.other_acc:9.3f}   answering without the image")
     print(f"prefill: median (and range) over {args.timing_rounds} interleaved timing rounds on this machine")
+    print("kept rows, target kept: where the first stage's kept tokens lie, and the share of the localization")
+    print("question's target box (its grid cells) among them")
     if args.json:  # first: the table must not depend on the picture
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2, default=str) + "\n")
         print(f"\ntable: {args.json}")

@@ -1,9 +1,11 @@
 """The demo: FEATHER's experiment on the testbed model, in minutes on a CPU.
 
 Runs the unpruned model and the methods on the held-out split at matched FLOPs, and reports per method the
-localization accuracy, the other-question accuracy, the FLOPs reduction of what the traces kept and the
-measured prefill speed-up; draws where each method's kept tokens lie on the image grid, averaged over the
-split. Whatever the table shows is what this model does: nothing is tuned toward a result.
+localization accuracy, the other-question accuracy, the FLOPs reduction of what the traces kept, the
+measured prefill speed-up, the mean row of the first stage's kept tokens and the share of the referred object's
+tokens it kept (FEATHER's "target box kept" diagnostic: why a method loses localization); draws where each
+method's kept tokens lie on the image grid, averaged over the split.
+Whatever the table shows is what this model does: nothing is tuned toward a result.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from vlmprune.methods import (
 )
 from vlmprune.testbed.evaluate import evaluate
 from vlmprune.testbed.scenes import eval_questions
-from vlmprune.viz.analysis import mean_vertical_position
+from vlmprune.viz.analysis import box_token_share, mean_vertical_position
 
 __all__ = ["DemoRow", "demo_methods", "run_demo"]
 
@@ -54,6 +56,7 @@ class DemoRow:
     prefill_speedup_spread: tuple[float, float]  # (lowest, highest) of those per-round ratios
     first_stage_layer: int | None
     mean_vertical_position: float | None
+    target_kept: float | None  # mean share of the referred object's box cells that the first stage kept
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -125,9 +128,9 @@ def run_demo(
     methods = {name: match_flops(m, shape, target, text_tokens=text_tokens) for name, m in methods.items()}
     variants: dict[str, Method | None] = {"unpruned": None, **methods}
 
-    scenes = [eval_questions("test", i) for i in range(min(limit, 16))]
-    images = [s.image() for s, _, _ in scenes]
-    questions = [w.text for _, w, _ in scenes]
+    scenes = [eval_questions("test", i) for i in range(limit)]
+    images = [s.image() for s, _, _ in scenes[:16]]
+    questions = [w.text for _, w, _ in scenes[:16]]
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for method in variants.values():
         _prefill_seconds(model, processor, method, images, questions, 1)  # warm-up
@@ -161,7 +164,7 @@ def run_demo(
             return answers
 
         result = evaluate(model, processor, split="test", limit=limit, batch_size=batch_size, run_pruned=run_pruned)
-        reduction, vertical, first = 0.0, None, None
+        reduction, vertical, first, target = 0.0, None, None, None
         if traces:
             schedule = TokenSchedule.from_trace_dict(
                 {
@@ -175,6 +178,11 @@ def run_demo(
                 mean_vertical_position(t["stages"][0]["kept"], t["stages"][0]["grid"]) for t in traces
             )
             records[name] = traces
+            # `evaluate` asks scene i's localization question as item 2i, so trace 2i is its first stage
+            target = statistics.mean(
+                box_token_share(t["stages"][0]["kept"], t["stages"][0]["grid"], where.box, (scene.size,) * 2, "crop")
+                for t, (scene, where, _) in zip(traces[::2], scenes, strict=True)
+            )
         row = DemoRow(
             method=name,
             params={} if method is None else method.parameters(),
@@ -185,6 +193,7 @@ def run_demo(
             prefill_speedup_spread=(min(ratios[name]), max(ratios[name])),
             first_stage_layer=first,
             mean_vertical_position=vertical,
+            target_kept=target,
         )
         rows.append(row)
         log(
