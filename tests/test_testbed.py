@@ -381,6 +381,28 @@ def test_a_scaled_recipe_sees_the_same_images_in_fewer_larger_steps(tmp_path, ca
     assert "--batch-scale sets up a new run" in capsys.readouterr().err
 
 
+def test_the_lm_stage_is_planned_to_end_in_the_time_given(tmp_path):
+    config = tiny_train_config(lm_images=64, vision_images=16, decay_fraction=0.5)  # LM batch 4
+    trainer = train(str(tmp_path / "run"), config, max_steps=3, log=None)  # vision 1 step, LM 2 steps
+    assert (trainer.stage, trainer.step) == ("lm", 2)
+    trainer.plan_to_finish(seconds_left=10.0, images_per_second=8.0)  # 80 more images: 20 more steps
+    assert trainer.config.lm_images == 4 * 22
+    trainer.plan_to_finish(seconds_left=0.0, images_per_second=8.0)  # out of time: the decay starts next step
+    assert trainer.config.lm_images == 4 * 6 and trainer.config.steps("lm") == 6 and not trainer.decay_started()
+    trainer.run(max_steps=1)
+    assert trainer.decay_started()
+    with open(tmp_path / "run" / "log.jsonl") as handle:
+        changes = [r["changes"] for line in handle if (r := json.loads(line))["event"] == "reconfigure"]
+    assert changes == [{"lm_images": 88}, {"lm_images": 24}]
+    # from the command line: the plan is made while the stage runs, and the run finishes
+    out = tmp_path / "cli"
+    args = ["testbed", "train", "--out", str(out), "--fit-minutes", "0.01", "--set", f"model={TINY_MODEL!r}"]
+    assert main([*args, "--set", "vision_images=16", "--set", "lm_images=4000", "--set", "lm_batch=4"]) == 0
+    final = json.loads((out / "config.json").read_text())["lm_images"]
+    assert final < 4000  # shortened to the time given
+    assert "--fit-minutes 0.01" in (out / "command.txt").read_text()
+
+
 def test_resume_drops_the_log_records_of_steps_after_the_checkpoint(tmp_path):
     config = tiny_train_config(log_every_steps=1)
     out = str(tmp_path / "run")

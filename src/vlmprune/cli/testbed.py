@@ -49,6 +49,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out", required=True, type=output_dir, metavar="DIR", help="run directory (checkpoint, log, model/)"
     )
     train.add_argument("--minutes", type=positive_float, metavar="M", help="stop (with a checkpoint) after M minutes")
+    train.add_argument(
+        "--fit-minutes",
+        type=positive_float,
+        metavar="M",
+        help="set the language-model stage's length so the run ends about M minutes after this call starts, at "
+        "the throughput measured in the stage (logged; the result equals a run configured so; for a GPU lent for "
+        "a fixed time)",
+    )
     train.add_argument("--seed", type=non_negative_int, default=0, help="run seed (default: 0); ignored with --resume")
     train.add_argument("--resume", action="store_true", help="continue the run in DIR if it has a checkpoint")
     train.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)")
@@ -224,7 +232,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"resuming {args.out}: stage {trainer.stage}, step {trainer.step}, {trainer.images} images")
     else:
         trainer = Trainer(args.out, _new_config(args, overrides), device=args.device, workers=args.workers)
-    stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps)
+    stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps, fit_minutes=args.fit_minutes)
     print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
     return 0
 
@@ -234,6 +242,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
     argv = ["testbed", "train", "--out", args.out, "--seed", str(args.seed)]
     if args.minutes is not None:
         argv += ["--minutes", str(args.minutes)]
+    if args.fit_minutes is not None:
+        argv += ["--fit-minutes", str(args.fit_minutes)]
     if args.start_from is not None:
         argv += ["--from", args.start_from]
     elif args.resume:

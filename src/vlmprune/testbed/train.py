@@ -365,13 +365,14 @@ class _Batcher:
 class _StageBatches(torch.utils.data.Dataset):
     """The batches of a stage from image `first` on, item k starting at image `first + k * batch`: each a pure
     function of (seed, stage, index), so workers build them in any order and a run is bit-identical with any number
-    of workers, and resumes at its image count."""
+    of workers, and resumes at its image count. Endless: the stage's length may change while it runs (`extend`),
+    and the trainer drops the stream when the stage ends."""
 
-    def __init__(self, batcher: _Batcher, stage: str, first: int, batch: int, count: int) -> None:
-        self.batcher, self.stage, self.first, self.batch, self.count = batcher, stage, first, batch, count
+    def __init__(self, batcher: _Batcher, stage: str, first: int, batch: int) -> None:
+        self.batcher, self.stage, self.first, self.batch = batcher, stage, first, batch
 
     def __len__(self) -> int:
-        return self.count
+        return 2**62
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         start = self.first + k * self.batch
@@ -484,6 +485,7 @@ class Trainer:
         self.images = 0  # images seen within the stage
         self.questions = 0  # question-answer blocks seen (LM stage)
         self.train_seconds = 0.0
+        self._eval_seconds = 0.0  # how long the last evaluation took
         self._make_optimizer()
         self._running: dict[str, list[float]] = {}
         self._write_config()
@@ -651,6 +653,7 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> None:
+        started = time.time()
         dense = {f"heldout_{k}": round(v, 4) for k, v in self.dense_eval().items()}
         record: dict[str, object] = {"event": "eval", **dense}
         if self.stage != "vision":
@@ -667,6 +670,7 @@ class Trainer:
             + ", ".join(f"{k[8:]} {v:.3f}" for k, v in dense.items())
         )
         self._log(record)
+        self._eval_seconds = time.time() - started
 
     # -- steps
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -676,8 +680,7 @@ class Trainer:
             return build(self.images)
         if self._batches is None:  # from here to the stage's end, in order (reset when the stage or recipe changes)
             size = self.config.vision_batch if self.stage == "vision" else self.config.lm_batch
-            count = self.config.steps(self.stage) - self.step
-            stream = _StageBatches(self.batcher, self.stage, self.images, size, count)
+            stream = _StageBatches(self.batcher, self.stage, self.images, size)
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers, prefetch_factor=4)
             self._batches = iter(loader)
         return next(self._batches)
@@ -726,14 +729,33 @@ class Trainer:
         every = self.config.vision_eval_every_images if self.stage == "vision" else self.config.lm_eval_every_images
         return every > 0 and before // every != self.images // every
 
-    def run(self, *, minutes: float | None = None, max_steps: int | None = None) -> str:
+    def plan_to_finish(self, seconds_left: float, images_per_second: float) -> None:
+        """Set the LM stage's length so that, at `images_per_second` (evaluations included), it ends within
+        `seconds_left`, before its learning-rate decay has started (`extend`: the result equals a run configured
+        so from the start). The decay then starts at the next step at the latest."""
+        batch = self.config.lm_batch
+        steps = self.step + int(max(0.0, seconds_left) * images_per_second) // batch
+        earliest = math.ceil((self.step + 1) / (1 - self.config.decay_fraction)) if self.config.decay_fraction < 1 else 0
+        steps = max(steps, earliest, self.step + 1)
+        if abs(steps * batch - self.config.lm_images) > 0.01 * self.config.lm_images:
+            self.extend(steps * batch)
+            self.print(f"[lm step {self.step}] the stage now ends after {steps * batch} images, to finish in time")
+
+    def run(self, *, minutes: float | None = None, max_steps: int | None = None, fit_minutes: float | None = None) -> str:
         """Train until the run is done, `minutes` of wall time pass, or `max_steps` steps; returns the stage.
 
-        A checkpoint is written every `checkpoint_minutes`, at stage ends, and when this call returns.
+        With `fit_minutes`, the LM stage is lengthened or shortened (every 30 s, or a tenth of a shorter budget, until its decay starts) so the run
+        ends about `fit_minutes` after this call began, at the throughput measured so far in the stage
+        (`plan_to_finish`); a final evaluation and checkpoint follow. A checkpoint is written every
+        `checkpoint_minutes`, at stage ends, and when this call returns.
         """
         start = time.time()
         last_checkpoint = start
         steps = 0
+        deadline = None if fit_minutes is None else start + 60 * fit_minutes
+        measured_from: tuple[float, int] | None = None  # (time, images) where this call's LM throughput counts from
+        last_plan = start
+        replan_every = None if fit_minutes is None else min(30.0, 6 * fit_minutes)  # seconds: 30, or a tenth of it
         self._batches = None  # the recipe may have changed since the last call (`reconfigure`)
         stop = _StopOnSignal()
         try:
@@ -748,6 +770,14 @@ class Trainer:
                 if minutes is not None and time.time() - start >= minutes * 60:
                     break
                 step_start = time.time()
+                if deadline is not None and self.stage == "lm":
+                    if measured_from is None:
+                        measured_from = (step_start, self.images)
+                    elif step_start - last_plan >= replan_every and not self.decay_started():
+                        rate = (self.images - measured_from[1]) / (step_start - measured_from[0])
+                        reserve = 2 * self._eval_seconds + 10  # the stage's final evaluation and checkpoints
+                        self.plan_to_finish(deadline - step_start - reserve, rate)
+                        last_plan = step_start
                 before = self.images
                 self._train_step()
                 self.train_seconds += time.time() - step_start
@@ -790,6 +820,7 @@ def train(
     resume: bool = False,
     minutes: float | None = None,
     max_steps: int | None = None,
+    fit_minutes: float | None = None,
     log: Callable[[str], None] | None = print,
     device: str = "cpu",
     workers: int = 0,
@@ -803,5 +834,5 @@ def train(
         if os.path.exists(checkpoint):
             raise FileExistsError(f"{out} already holds a run (checkpoint.pt); pass resume to continue it")
         trainer = Trainer(out, config or TrainConfig(), log=log, device=device, workers=workers)
-    trainer.run(minutes=minutes, max_steps=max_steps)
+    trainer.run(minutes=minutes, max_steps=max_steps, fit_minutes=fit_minutes)
     return trainer
