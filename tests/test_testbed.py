@@ -268,7 +268,7 @@ def test_packed_question_blocks_match_separate_forwards():
     processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
     batch = batcher.lm_batch(config.easy_images)  # a full (not easy) scene
     with torch.no_grad():
-        packed, _ = lm_logits(model, batch)
+        packed, _, _ = lm_logits(model, batch)
     seed = scene_seed("train", batcher.scene_index("lm", config.easy_images))
     scene = make_scene(seed)
     questions = sample_questions(
@@ -285,6 +285,53 @@ def test_packed_question_blocks_match_separate_forwards():
         assert batch["labels"][row : row + len(answer)].tolist() == answer
         assert torch.allclose(logits[start : start + len(answer)], packed[row : row + len(answer)], atol=1e-5)
         row += len(answer)
+
+
+def test_referent_scores_are_the_supervised_heads_attention_to_the_referred_object():
+    """The packed batch's referent rows and targets, and their scores against eager attention run unpacked."""
+    config = tiny_train_config(lm_batch=1)
+    model_config = make_config(**TINY_MODEL)
+    from vlmprune.testbed.model import build_testbed_model
+    from vlmprune.testbed.scenes import object_cover
+
+    model = build_testbed_model(model_config, seed=0).eval()
+    eager = build_testbed_model(model_config, seed=0, attn_implementation="eager").eval()  # the same weights
+    batcher = _Batcher(config, model_config)
+    processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
+    batch = batcher.lm_batch(config.easy_images)
+    with torch.no_grad():
+        _, _, scores = lm_logits(model, batch, referent_layer=1, image_start=batcher.image_start)
+    seed = scene_seed("train", batcher.scene_index("lm", config.easy_images))
+    scene = make_scene(seed)
+    questions = sample_questions(
+        scene, config.where_per_image, config.other_per_image, np.random.default_rng([seed, 3])
+    )
+    about_one = [q for q in questions if q.referent is not None]
+    assert len(about_one) == scores.shape[0] == batch["referent_cover"].shape[0] >= 2
+    cover = object_cover(scene, TINY_MODEL["patch_size"])
+    for k, q in enumerate(about_one):
+        target = batch["referent_cover"][k]
+        assert target.sum() == pytest.approx(1.0) and torch.equal(target > 0, torch.from_numpy(cover[q.referent] > 0))
+        inputs = processor(images=[scene.image()], text=[prompt_text(q.text)], return_tensors="pt")
+        with torch.no_grad():
+            attention = eager(**inputs, output_attentions=True).attentions[1][0, 0, -1]  # head 0, last prompt token
+        image = attention[batcher.image_start : batcher.image_start + batcher.n_image]
+        assert torch.allclose(scores[k].softmax(-1), image / image.sum(), atol=1e-5)
+
+
+def test_referent_attention_supervision_trains_and_is_logged(tmp_path):
+    torch.set_num_threads(1)
+    config = tiny_train_config(referent_attention_weight=1.0, referent_attention_layer=1, log_every_steps=1)
+    trainer = train(str(tmp_path / "run"), config, max_steps=3, log=None)  # vision 2 steps, then LM 1 step
+    with open(tmp_path / "run" / "log.jsonl") as handle:
+        lm_records = [r for line in handle if (r := json.loads(line))["event"] == "train" and r["stage"] == "lm"]
+    assert lm_records and 0.0 < lm_records[-1]["referent_mass"] < 1.0 and lm_records[-1]["referent_loss"] > 0
+    assert trainer.stage == "lm"
+    fresh = Trainer(str(tmp_path / "fresh"), config, log=None)
+    with pytest.raises(ValueError, match="referent_attention_layer 2 is past the language model's 2 layers"):
+        fresh.reconfigure({"referent_attention_layer": 2})
+    with pytest.raises(ValueError, match="past the language model"):
+        Trainer(str(tmp_path / "other"), tiny_train_config(referent_attention_weight=1.0, referent_attention_layer=5))
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -582,7 +629,7 @@ def test_referred_object_patches_are_the_patches_holding_its_pixels():
     from vlmprune.testbed.dependence import referred_object_patches
 
     scene, where, _ = eval_questions("test", 3)
-    patches = referred_object_patches(scene, where.box, 14)
+    patches = referred_object_patches(scene, where, 14)
     x1, y1, x2, y2 = (round(v * IMAGE_SIZE) for v in where.box)
     rows, cols = np.divmod(np.flatnonzero(patches), IMAGE_SIZE // 14)
     assert patches.shape == ((IMAGE_SIZE // 14) ** 2,) and patches.any()

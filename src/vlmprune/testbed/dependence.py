@@ -20,7 +20,7 @@ from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.engine import prune
 from vlmprune.methods.base import PreLLMMethod
 from vlmprune.testbed.evaluate import generate_answers, is_correct
-from vlmprune.testbed.scenes import Scene, eval_questions
+from vlmprune.testbed.scenes import Question, Scene, eval_questions, object_cover
 
 __all__ = ["DropResult", "referred_object_dependence", "referred_object_patches"]
 
@@ -72,11 +72,9 @@ class _KeepGiven(PreLLMMethod):
         return _GivenTokens(self.given)
 
 
-def referred_object_patches(scene: Scene, box: tuple[float, ...], patch: int) -> np.ndarray:
-    """`(patches,)` bool, raster order: the patches holding any pixel of the object whose box is `box`."""
-    (mask,) = [m for obj, m in zip(scene.objects, scene.masks(), strict=True) if tuple(obj.box) == tuple(box)]
-    side = scene.size // patch
-    return mask.reshape(side, patch, side, patch).any(axis=(1, 3)).reshape(-1)
+def referred_object_patches(scene: Scene, question: Question, patch: int) -> np.ndarray:
+    """`(patches,)` bool, raster order: the patches holding any pixel of the object `question` is about."""
+    return object_cover(scene, patch)[question.referent] > 0
 
 
 @torch.no_grad()
@@ -98,7 +96,7 @@ def referred_object_dependence(
     items, drops = [], {"referred": [], "others": []}
     for index in range(limit):
         scene, where, _ = eval_questions("test", index)
-        referred = referred_object_patches(scene, where.box, patch)
+        referred = referred_object_patches(scene, where, patch)
         rest = np.flatnonzero(~referred)
         others = np.zeros_like(referred)
         others[np.random.default_rng([seed, index]).choice(rest, size=int(referred.sum()), replace=False)] = True

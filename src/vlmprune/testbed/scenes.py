@@ -42,6 +42,7 @@ __all__ = [
     "box_to_bins",
     "eval_questions",
     "make_scene",
+    "object_cover",
     "patch_targets",
     "sample_questions",
     "scene_seed",
@@ -88,13 +89,15 @@ class SceneObject:
 class Question:
     """A question about a scene. `kind` is one of `QUESTION_KINDS`; `answer` is the target text.
 
-    For "where" questions `box` is the referent's normalized box and `answer` its four bin tokens.
+    For "where" questions `box` is the referent's normalized box and `answer` its four bin tokens. `referent` is
+    the index (in the scene's `objects`) of the one object a where, colour, shape or size question is about.
     """
 
     kind: str
     text: str
     answer: str
     box: tuple[float, float, float, float] | None = None
+    referent: int | None = None
 
     @property
     def is_localization(self) -> bool:
@@ -261,7 +264,7 @@ def _where(scene: Scene, index: int, rng: np.random.Generator) -> Question | Non
         return None
     phrase = _phrase(scene.objects[index], options[int(rng.integers(len(options)))])
     box = scene.objects[index].box
-    return Question("where", f"where is {phrase} ?", _bin_tokens(box), box)
+    return Question("where", f"where is {phrase} ?", _bin_tokens(box), box, index)
 
 
 def _attribute_question(scene: Scene, kind: str, rng: np.random.Generator) -> Question | None:
@@ -274,7 +277,7 @@ def _attribute_question(scene: Scene, kind: str, rng: np.random.Generator) -> Qu
         return None
     index, subset = candidates[int(rng.integers(len(candidates)))]
     obj = scene.objects[index]
-    return Question(kind, f"what {kind} is {_phrase(obj, subset)} ?", obj.attribute(kind))
+    return Question(kind, f"what {kind} is {_phrase(obj, subset)} ?", obj.attribute(kind), referent=index)
 
 
 def _count(scene: Scene, rng: np.random.Generator) -> Question:
@@ -365,6 +368,15 @@ def eval_questions(split: Split, index: int) -> tuple[Scene, Question, Question]
 # ---------------------------------------------------------------------------------------------- dense labels
 
 
+def object_cover(scene: Scene, patch: int = 14) -> np.ndarray:
+    """`(objects, patches)` float32: the fraction of each patch's pixels (raster order) that each object covers."""
+    side = scene.size // patch
+    cover = np.zeros((len(scene.objects), side * side), dtype=np.float32)
+    for k, mask in enumerate(scene.masks()):
+        cover[k] = mask.reshape(side, patch, side, patch).mean(axis=(1, 3)).reshape(-1)
+    return cover
+
+
 def patch_targets(scene: Scene, patch: int = 14, min_cover: float = 0.3) -> dict[str, np.ndarray]:
     """Per-patch labels for dense supervision of the vision tower, raster order (row-major), `n = (size/patch)**2`.
 
@@ -376,9 +388,7 @@ def patch_targets(scene: Scene, patch: int = 14, min_cover: float = 0.3) -> dict
     """
     side = scene.size // patch
     n = side * side
-    cover = np.zeros((len(scene.objects), n), dtype=np.float32)
-    for k, mask in enumerate(scene.masks()):
-        cover[k] = mask.reshape(side, patch, side, patch).mean(axis=(1, 3)).reshape(n)
+    cover = object_cover(scene, patch)
     fg = cover.sum(axis=0) if len(scene.objects) else np.zeros(n, np.float32)
     labels = {name: np.zeros(n, dtype=np.int64) for name in ("colour", "shape", "size")}
     box = np.zeros((n, 4), dtype=np.float32)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from vlmprune.adapters import get_adapter
 from vlmprune.testbed.evaluate import evaluate
 from vlmprune.testbed.model import (
     build_testbed_model,
@@ -64,6 +65,7 @@ from vlmprune.testbed.scenes import (
     SIZES,
     TEST_SEED_OFFSET,
     make_scene,
+    object_cover,
     patch_targets,
     sample_questions,
     scene_seed,
@@ -104,6 +106,10 @@ class TrainConfig:
     tower_lr_scale: float = 0.1
     dense_weight: float = 0.5
     patch_box_target: bool = False  # ablation: every object patch also predicts its object's box (see above)
+    # head 0 of this decoder layer is taught where to look: its image attention from the token before a one-object
+    # question's answer toward that object's patches (by pixel share), weighted so in the loss (0: off)
+    referent_attention_weight: float = 0.0
+    referent_attention_layer: int = 4
     easy_images: int = 32_000
     # both stages
     warmup_steps: int = 100
@@ -125,7 +131,14 @@ class TrainConfig:
         for name in ("vision_batch", "lm_batch", "log_every_steps", "eval_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("vision_images", "lm_images", "easy_images", "where_per_image", "other_per_image"):
+        for name in (
+            "vision_images",
+            "lm_images",
+            "easy_images",
+            "where_per_image",
+            "other_per_image",
+            "referent_attention_layer",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.where_per_image + self.other_per_image < 1:
@@ -161,7 +174,17 @@ LOGGING_FIELDS = frozenset(
     {"log_every_steps", "vision_eval_every_images", "lm_eval_every_images", "eval_limit", "checkpoint_minutes"}
 )
 LM_FIELDS = frozenset(
-    {"lm_batch", "where_per_image", "other_per_image", "lm_lr", "tower_lr_scale", "dense_weight", "easy_images"}
+    {
+        "lm_batch",
+        "where_per_image",
+        "other_per_image",
+        "lm_lr",
+        "tower_lr_scale",
+        "dense_weight",
+        "easy_images",
+        "referent_attention_weight",
+        "referent_attention_layer",
+    }
 )
 
 _STAGE_ORDER = {"vision": 0, "lm": 1, "done": 2}
@@ -275,6 +298,7 @@ class _Batcher:
         self.n_image = (model_config.vision_config.image_size // self.patch) ** 2
         tok = self.tokenizer
         self.prefix = [tok.bos_token_id, *tok.convert_tokens_to_ids(["user", ":"])]
+        self.image_start = len(self.prefix)  # position of the first image token
         self.prefix += [model_config.image_token_id] * self.n_image
         self.assistant = tok.convert_tokens_to_ids(["assistant", ":"])
         self.eos = tok.eos_token_id
@@ -300,8 +324,11 @@ class _Batcher:
         """Images `start..start+lm_batch` of the LM stage with their packed question-answer blocks.
 
         Returns `pixel_values` `(batch, 3, H, W)`, `targets` (dense), `input_ids` `(batch, L)`,
-        `attention_mask` `(batch, 1, L, L)` bool (True = may attend), `position_ids` `(batch, L)`, and
-        `label_index` `(n, 2)` (batch row, position whose logits predict) with `labels` `(n,)`.
+        `attention_mask` `(batch, 1, L, L)` bool (True = may attend), `position_ids` `(batch, L)`,
+        `label_index` `(n, 2)` (batch row, position whose logits predict) with `labels` `(n,)`, and for the blocks
+        about one object (where, colour, shape, size) `referent_index` `(k, 2)` (batch row, position predicting
+        the first answer token) with `referent_cover` `(k, image tokens)`: that object's share of each patch,
+        normalized to sum 1 (see `TrainConfig.referent_attention_weight`).
         """
         config = self.config
         scenes, rows = [], []
@@ -329,14 +356,19 @@ class _Batcher:
         positions = torch.zeros((batch, length), dtype=torch.long)
         mask = torch.zeros((batch, 1, length, length), dtype=torch.bool)
         label_index, labels = [], []
+        referent_index, referent_cover = [], []
         n_prefix = len(self.prefix)
         causal = torch.ones((n_prefix, n_prefix), dtype=torch.bool).tril()
-        for b, blocks in enumerate(encoded):
+        for b, (blocks, scene, questions) in enumerate(zip(encoded, scenes, rows, strict=True)):
+            cover = object_cover(scene, self.patch)
             input_ids[b, :n_prefix] = torch.tensor(self.prefix)
             positions[b, :n_prefix] = torch.arange(n_prefix)
             mask[b, 0, :n_prefix, :n_prefix] = causal
             cursor = n_prefix
-            for q_ids, a_ids in blocks:
+            for (q_ids, a_ids), question in zip(blocks, questions, strict=True):
+                if question.referent is not None:
+                    referent_index.append((b, cursor + len(q_ids) - 1))
+                    referent_cover.append(cover[question.referent] / cover[question.referent].sum())
                 ids = q_ids + a_ids
                 n = len(ids)
                 span = slice(cursor, cursor + n)
@@ -359,6 +391,10 @@ class _Batcher:
             "position_ids": positions,
             "label_index": torch.tensor(label_index, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
+            "referent_index": torch.tensor(referent_index, dtype=torch.long).reshape(-1, 2),
+            "referent_cover": torch.from_numpy(
+                np.stack(referent_cover) if referent_cover else np.zeros((0, self.n_image), np.float32)
+            ),
         }
 
 
@@ -380,13 +416,19 @@ class _StageBatches(torch.utils.data.Dataset):
 
 
 def lm_logits(
-    model: LlavaForConditionalGeneration, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """LLaVA's forward on a packed batch: logits `(n, vocab)` at `label_index` and the tower's hidden states.
+    model: LlavaForConditionalGeneration,
+    batch: dict[str, torch.Tensor],
+    referent_layer: int | None = None,
+    image_start: int = 0,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """LLaVA's forward on a packed batch: logits `(n, vocab)` at `label_index`, the tower's hidden states and,
+    with `referent_layer`, `referent_scores` of that layer.
 
     The same computation as `LlavaModel.forward` (tower layer `vision_feature_layer`, [CLS] dropped,
     projector, scatter into the `<image>` positions, the language model), with a custom 4-D mask and
-    positions, computing the LM head only where there are labels.
+    positions, computing the LM head only where there are labels. `referent_scores` `(k, image tokens)` are the
+    pre-softmax attention scores of head 0 of decoder layer `referent_layer` from each `referent_index` row to
+    the image tokens, which start at position `image_start` (RoPE applied, as the layer computes them).
     """
     inner = model.model
     vision = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
@@ -395,11 +437,48 @@ def lm_logits(
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
-    hidden = inner.language_model(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-    ).last_hidden_state
+    output = inner.language_model(
+        inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        output_hidden_states=referent_layer is not None,
+    )
     index = batch["label_index"]
-    return model.lm_head(hidden[index[:, 0], index[:, 1]]), vision.hidden_states
+    logits = model.lm_head(output.last_hidden_state[index[:, 0], index[:, 1]])
+    if referent_layer is None:
+        return logits, vision.hidden_states, None
+    layer_input = output.hidden_states[referent_layer]  # (batch, L, hidden): what the layer's attention reads
+    return logits, vision.hidden_states, _referent_scores(model, layer_input, batch, referent_layer, image_start)
+
+
+def _referent_scores(
+    model: LlavaForConditionalGeneration,
+    hidden: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    layer_index: int,
+    image_start: int,
+) -> torch.Tensor:
+    """`(k, image tokens)` head-0 attention scores of decoder layer `layer_index` (input `hidden`) from the
+    `referent_index` rows to the image tokens, which start at `image_start`."""
+    adapter = get_adapter(model)
+    layer = adapter.layers[layer_index]
+    rows, positions = batch["referent_index"][:, 0], batch["referent_index"][:, 1]
+    n_image = batch["referent_cover"].shape[1]
+    image_positions = image_start + torch.arange(n_image, device=hidden.device)
+    cos, sin = adapter.position_embeddings(hidden, batch["position_ids"])  # each (batch, L, head_dim)
+    queries = adapter.project(
+        layer,
+        adapter.normed_input(layer, hidden[rows, positions]).unsqueeze(1),
+        "q",
+        (cos[rows, positions].unsqueeze(1), sin[rows, positions].unsqueeze(1)),
+    )  # (k, heads, 1, head_dim)
+    keys = adapter.project(
+        layer,
+        adapter.normed_input(layer, hidden[rows][:, image_positions]),
+        "k",
+        (cos[rows][:, image_positions], sin[rows][:, image_positions]),
+    )  # (k, heads, image tokens, head_dim)
+    return (queries[:, 0] @ keys[:, 0].transpose(-1, -2)).squeeze(1) * adapter.scaling(layer)
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -471,6 +550,7 @@ class Trainer:
         self.print = log or (lambda _: None)
         os.makedirs(out, exist_ok=True)
         self.model_config = testbed_config(**config.model)
+        self._check_fits_model(config)
         self.model = build_testbed_model(self.model_config, seed=config.seed).train()
         vision = self.model_config.vision_config
         with torch.random.fork_rng(devices=[]):
@@ -489,6 +569,14 @@ class Trainer:
         self._make_optimizer()
         self._running: dict[str, list[float]] = {}
         self._write_config()
+
+    def _check_fits_model(self, config: TrainConfig) -> None:
+        depth = self.model_config.text_config.num_hidden_layers
+        if config.referent_attention_weight > 0 and config.referent_attention_layer >= depth:
+            raise ValueError(
+                f"referent_attention_layer {config.referent_attention_layer} is past the language model's "
+                f"{depth} layers (0 .. {depth - 1})"
+            )
 
     def _write_config(self) -> None:
         with open(os.path.join(self.out, "config.json"), "w") as handle:
@@ -556,7 +644,9 @@ class Trainer:
                 )
             if self.stage == "lm" and lm_images < self.images + self.config.lm_batch:
                 raise ValueError(f"lm_images {lm_images} is not beyond the {self.images} images already seen")
-        self.config = dataclasses.replace(self.config, **changes)  # validated by __post_init__
+        config = dataclasses.replace(self.config, **changes)  # validated by __post_init__
+        self._check_fits_model(config)
+        self.config = config
         self.batcher.config = self.config
         if self.stage == "lm":
             optimizer_state, scheduler_state = self.optimizer.state_dict(), self.scheduler.state_dict()
@@ -697,11 +787,21 @@ class Trainer:
                 loss, metrics = self.heads.loss(hidden, batch["targets"], config.patch_box_target)
             n_images = config.vision_batch
         else:
+            supervise = config.referent_attention_weight > 0
             with autocast:
-                logits, hidden = lm_logits(self.model, batch)
+                logits, hidden, referent_scores = lm_logits(
+                    self.model,
+                    batch,
+                    config.referent_attention_layer if supervise else None,
+                    self.batcher.image_start,
+                )
                 lm_loss = F.cross_entropy(logits.float(), batch["labels"])
                 dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"], config.patch_box_target)
                 loss = lm_loss + config.dense_weight * dense_loss
+                if referent_scores is not None and referent_scores.shape[0]:
+                    log_p = referent_scores.float().log_softmax(-1)
+                    referent_loss = -(batch["referent_cover"] * log_p).sum(-1).mean()
+                    loss = loss + config.referent_attention_weight * referent_loss
             accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
             metrics = {
                 "lm_loss": lm_loss.item(),
@@ -709,6 +809,10 @@ class Trainer:
                 "dense_loss": dense_metrics["dense_loss"],
                 "colour_acc": dense_metrics["colour_acc"],
             }
+            if referent_scores is not None and referent_scores.shape[0]:
+                with torch.no_grad():  # the supervised head's image attention that lands on the referred object
+                    on_object = (log_p.exp() * (batch["referent_cover"] > 0)).sum(-1).mean()
+                metrics.update(referent_loss=referent_loss.item(), referent_mass=on_object.item())
             n_images = config.lm_batch
             self.questions += int((batch["labels"] == self.batcher.eos).sum())
         loss.backward()
@@ -735,19 +839,23 @@ class Trainer:
         so from the start). The decay then starts at the next step at the latest."""
         batch = self.config.lm_batch
         steps = self.step + int(max(0.0, seconds_left) * images_per_second) // batch
-        earliest = math.ceil((self.step + 1) / (1 - self.config.decay_fraction)) if self.config.decay_fraction < 1 else 0
+        earliest = (
+            math.ceil((self.step + 1) / (1 - self.config.decay_fraction)) if self.config.decay_fraction < 1 else 0
+        )
         steps = max(steps, earliest, self.step + 1)
         if abs(steps * batch - self.config.lm_images) > 0.01 * self.config.lm_images:
             self.extend(steps * batch)
             self.print(f"[lm step {self.step}] the stage now ends after {steps * batch} images, to finish in time")
 
-    def run(self, *, minutes: float | None = None, max_steps: int | None = None, fit_minutes: float | None = None) -> str:
+    def run(
+        self, *, minutes: float | None = None, max_steps: int | None = None, fit_minutes: float | None = None
+    ) -> str:
         """Train until the run is done, `minutes` of wall time pass, or `max_steps` steps; returns the stage.
 
-        With `fit_minutes`, the LM stage is lengthened or shortened (every 30 s, or a tenth of a shorter budget, until its decay starts) so the run
-        ends about `fit_minutes` after this call began, at the throughput measured so far in the stage
-        (`plan_to_finish`); a final evaluation and checkpoint follow. A checkpoint is written every
-        `checkpoint_minutes`, at stage ends, and when this call returns.
+        With `fit_minutes`, the LM stage is lengthened or shortened (every 30 s, or a tenth of a shorter budget,
+        until its decay starts) so the run ends about `fit_minutes` after this call began, at the throughput
+        measured so far in the stage (`plan_to_finish`); a final evaluation and checkpoint follow. A checkpoint is
+        written every `checkpoint_minutes`, at stage ends, and when this call returns.
         """
         start = time.time()
         last_checkpoint = start
