@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     prior = prior_baseline(limit=args.limit)
     print(f"{'(blind)':14s} {prior.localization_acc:8.3f} {prior.other_acc:9.3f}   answering without the image")
     print(f"prefill: median (and range) over {args.timing_rounds} interleaved timing rounds on this machine")
-    print("kept rows, target kept: where the first stage's kept tokens lie, and the share of the localization")
-    print("question's target box (its grid cells) among them")
+    print("kept rows: the mean row of the first stage's kept tokens; target kept: the share of the grid cells of")
+    print("the box asked about that the first stage kept (FEATHER's diagnostic of why localization is lost)")
     if args.json:  # first: the table must not depend on the picture
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2, default=str) + "\n")
         print(f"\ntable: {args.json}")
