@@ -6,6 +6,8 @@
   `load_testbed()` for the shipped checkpoint.
 - `vlmprune.testbed.train`: the resumable two-stage training (`vlmprune testbed train`).
 - `vlmprune.testbed.evaluate`: localization Acc@IoU>=0.5 and other-question accuracy (`vlmprune testbed eval`).
+- `vlmprune.testbed.dependence`: localization without the referred object's tokens, against as many others.
+- `vlmprune.testbed.demo`: every method at matched FLOPs on the held-out split (`vlmprune demo`).
 
 Submodules are imported on use, so `import vlmprune.testbed` stays cheap.
 """
