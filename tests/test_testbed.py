@@ -547,9 +547,13 @@ def test_cli_trains_resumes_and_evaluates(tmp_path, capsys):
         commands = handle.read().splitlines()
     assert len(commands) == 2 and "--resume" in commands[1]  # the refused call above wrote nothing
     json_path = str(tmp_path / "eval.json")
-    assert main(["testbed", "eval", "--model", os.path.join(out, "model"), "--limit", "3", "--json", json_path]) == 0
+    model_dir = os.path.join(out, "model")
+    assert main(["testbed", "eval", "--model", model_dir, "--limit", "3", "--dependence", "--json", json_path]) == 0
     printed = capsys.readouterr().out
     assert "localization Acc@IoU>=0.5" in printed and "other questions" in printed and "answering blind" in printed
+    assert "without the referred object's patches" in printed
+    with open(json_path) as handle:
+        assert json.load(handle)["dependence"]["n"] == 3
     assert main(["testbed", "eval", "--model", str(tmp_path / "nothing")]) == 2
     dest = tmp_path / "shipped"
     assert main(["testbed", "export", "--run", out, "--dest", str(dest)]) == 0

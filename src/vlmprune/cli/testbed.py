@@ -114,6 +114,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--threads", type=positive_int, metavar="N", help="torch CPU threads (default: torch's choice)"
     )
+    evaluate.add_argument(
+        "--dependence",
+        action="store_true",
+        help="also measure localization with every patch of the asked-about object dropped, against as many "
+        "other patches dropped (the first min(N, 100) scenes)",
+    )
     evaluate.add_argument("--json", type=output_file, metavar="FILE", help="also write the result as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run)
@@ -287,9 +293,15 @@ def _eval(args: argparse.Namespace) -> int:
     for kind, accuracy in result.per_kind.items():
         if kind != "where":
             print(f"  {kind:<24} {accuracy:.3f}  ({prior.per_kind.get(kind, 0.0):.3f})")
+    record = {"model": path, "split": args.split, **result.to_dict(), "blind_prior": prior.to_dict()}
+    if args.dependence:
+        from vlmprune.testbed.dependence import referred_object_dependence
+
+        dependence = referred_object_dependence(model, processor, split=args.split, limit=min(args.limit, 100))
+        print(f"dependence: {dependence.summary()}")
+        record["dependence"] = dataclasses.asdict(dependence)
     if args.json:
         with open(args.json, "w") as handle:
-            record = {"model": path, "split": args.split, **result.to_dict(), "blind_prior": prior.to_dict()}
             json.dump(record, handle, indent=1)
     return 0
 

@@ -27,7 +27,7 @@ __all__ = ["DropResult", "referred_object_dependence", "referred_object_patches"
 
 @dataclass
 class DropResult:
-    """Localization Acc@0.5 on `n` held-out scenes: unpruned, without the referred object's patches, and without
+    """Localization Acc@0.5 on `n` scenes: unpruned, without the referred object's patches, and without
     as many patches drawn at random from the rest; `dropped` is the mean number of patches dropped."""
 
     unpruned: float
@@ -82,11 +82,12 @@ def referred_object_dependence(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
     *,
+    split: str = "test",
     limit: int = 100,
     batch_size: int = 32,
     seed: int = 0,
 ) -> DropResult:
-    """Localization on the first `limit` held-out scenes, unpruned and with two drops of equal size.
+    """Localization on the first `limit` scenes of `split`, unpruned and with two drops of equal size.
 
     Per scene: the localization question of `eval_questions`; "referred" drops every patch holding a pixel of
     the object asked about; "others" drops as many patches drawn uniformly (seeded by `seed` and the scene)
@@ -95,7 +96,7 @@ def referred_object_dependence(
     patch = model.config.vision_config.patch_size
     items, drops = [], {"referred": [], "others": []}
     for index in range(limit):
-        scene, where, _ = eval_questions("test", index)
+        scene, where, _ = eval_questions(split, index)  # type: ignore[arg-type]
         referred = referred_object_patches(scene, where, patch)
         rest = np.flatnonzero(~referred)
         others = np.zeros_like(referred)
