@@ -258,12 +258,13 @@ def test_processor_prompt_and_pixels_match_the_training_batches():
     assert torch.allclose(_pixels([scene.image()], batcher.mean, batcher.std), inputs["pixel_values"], atol=1e-6)
 
 
-def test_packed_question_blocks_match_separate_forwards():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_question_blocks_match_separate_forwards(attn):
     config = tiny_train_config(lm_batch=2)
     model_config = make_config(**TINY_MODEL)
     from vlmprune.testbed.model import build_testbed_model
 
-    model = build_testbed_model(model_config, seed=0).eval()
+    model = build_testbed_model(model_config, seed=0, attn_implementation=attn).eval()
     batcher = _Batcher(config, model_config)
     processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
     batch = batcher.lm_batch(config.easy_images)  # a full (not easy) scene
@@ -294,8 +295,7 @@ def test_referent_scores_are_the_supervised_heads_attention_to_the_referred_obje
     from vlmprune.testbed.model import build_testbed_model
     from vlmprune.testbed.scenes import object_cover
 
-    model = build_testbed_model(model_config, seed=0).eval()
-    eager = build_testbed_model(model_config, seed=0, attn_implementation="eager").eval()  # the same weights
+    model = build_testbed_model(model_config, seed=0, attn_implementation="eager").eval()
     batcher = _Batcher(config, model_config)
     processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
     batch = batcher.lm_batch(config.easy_images)
@@ -314,7 +314,7 @@ def test_referent_scores_are_the_supervised_heads_attention_to_the_referred_obje
         assert target.sum() == pytest.approx(1.0) and torch.equal(target > 0, torch.from_numpy(cover[q.referent] > 0))
         inputs = processor(images=[scene.image()], text=[prompt_text(q.text)], return_tensors="pt")
         with torch.no_grad():
-            attention = eager(**inputs, output_attentions=True).attentions[1][0, 0, -1]  # head 0, last prompt token
+            attention = model(**inputs, output_attentions=True).attentions[1][0, 0, -1]  # head 0, last prompt token
         image = attention[batcher.image_start : batcher.image_start + batcher.n_image]
         assert torch.allclose(scores[k].softmax(-1), image / image.sum(), atol=1e-5)
 

@@ -437,9 +437,14 @@ def lm_logits(
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+    mask = batch["attention_mask"]  # bool: sdpa reads it as is; eager adds a 4-D mask to its scores: make it additive
+    if model.config.text_config._attn_implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(embeds.dtype).min
+        )
     output = inner.language_model(
         inputs_embeds=embeds,
-        attention_mask=batch["attention_mask"],
+        attention_mask=mask,
         position_ids=batch["position_ids"],
         output_hidden_states=referent_layer is not None,
     )
