@@ -17,6 +17,10 @@ pretrained CLIP; here the tower is first given dense supervision of its own:
    question-answer blocks that share the image prefix: block `j` attends to the prefix and causally to
    itself only, with positions restarting after the prefix, so each block is exactly the prompt
    `"USER: <image>\\n{q} ASSISTANT:"` + answer that evaluation sees. The first `easy_images` use 2-3 objects.
+   With `referent_attention_weight` > 0, head 0 of decoder layer `referent_attention_layer` is also taught where
+   to look: its attention over the image from the token that answers a question about one object is pulled toward
+   that object's patches (cross-entropy to their pixel shares). It names patches, never a box: the box is still
+   read off the tokens the model is given.
 
 The loss is cross-entropy on the answer tokens and `</s>` only. Everything is determined by the seed: model
 initialisation by `seed`, scene `i` of a stage by `seed` and `i`. A checkpoint (model, heads, optimizer,
