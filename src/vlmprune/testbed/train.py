@@ -240,15 +240,16 @@ class DenseHeads(nn.Module):
 
     def loss(
         self, hidden_states: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor], box: bool = False
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Mean dense loss over the heads, and accuracies of the first head (the layer the LM reads).
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean dense loss over the heads, and accuracies of the first head (the layer the LM reads), as 0-d tensors
+        (read on the host only when logged: a training step does not wait for the device).
 
         `hidden_states`: the tower's per-layer states `(batch, 1 + patches, hidden)` ([CLS] first);
         `targets`: `patch_targets` stacked over the batch, each `(batch, patches[, 4])`; `box`: whether each object
         patch also predicts its object's box (`TrainConfig.patch_box_target`).
         """
         total = hidden_states[0].new_zeros(())
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         obj = targets["colour"] > 0
         for index, layer in enumerate(self.layers):
             logits = self.split(index, hidden_states[layer][:, 1:])
@@ -260,17 +261,17 @@ class DenseHeads(nn.Module):
             total = total + loss / len(self.layers)
             if index == 0:
                 with torch.no_grad():
-                    metrics["dense_loss"] = loss.item()
+                    metrics["dense_loss"] = loss.detach()
                     fg_pred = logits["fg"].squeeze(-1) > 0
-                    metrics["fg_acc"] = float((fg_pred == (targets["fg"] > 0.5)).float().mean())
+                    metrics["fg_acc"] = (fg_pred == (targets["fg"] > 0.5)).float().mean()
+                    objects = obj.sum().clamp(min=1)  # accuracies over object patches (0 when there are none)
                     for name in ("colour", "shape", "size"):
-                        pred = logits[name].argmax(-1)
-                        right = (pred[obj] == targets[name][obj]).float()
-                        metrics[f"{name}_acc"] = float(right.mean()) if obj.any() else 0.0
+                        right = (logits[name].argmax(-1) == targets[name]) & obj
+                        metrics[f"{name}_acc"] = right.sum() / objects
                     rowcol = (logits["row"].argmax(-1) == targets["row"]) & (logits["col"].argmax(-1) == targets["col"])
-                    metrics["rowcol_acc"] = float(rowcol.float().mean())
+                    metrics["rowcol_acc"] = rowcol.float().mean()
                     if box and obj.any():
-                        metrics["box_l1"] = float((logits["box"][obj].sigmoid() - targets["box"][obj]).abs().mean())
+                        metrics["box_l1"] = (logits["box"][obj].sigmoid() - targets["box"][obj]).abs().mean()
         return total, metrics
 
 
@@ -512,13 +513,14 @@ def _lr_lambda(warmup: int, total: int, decay: float, final: float) -> Callable[
 
 
 def _to(batch: dict, device: torch.device) -> dict:
-    """`batch` (tensors and one nested dict of tensors) on `device`."""
-    return {k: _to(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+    """`batch` (tensors and one nested dict of tensors) on `device`; from pinned memory the copies do not block."""
+    return {k: _to(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _grad_norm(params: list[nn.Parameter]) -> float:
+def _grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The gradients' global norm, a 0-d tensor on their device (0 when there are none)."""
     norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    return torch.stack(norms).norm() if norms else torch.zeros(())
 
 
 class _StopOnSignal:
@@ -576,7 +578,7 @@ class Trainer:
         self.train_seconds = 0.0
         self._eval_seconds = 0.0  # how long the last evaluation took
         self._make_optimizer()
-        self._running: dict[str, list[float]] = {}
+        self._running: dict[str, list[torch.Tensor | float]] = {}  # metrics since the last log line
         self._write_config()
 
     def _check_fits_model(self, config: TrainConfig) -> None:
@@ -681,7 +683,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "running": self._running,
+            "running": {k: [float(x) for x in v] for k, v in self._running.items()},
         }
 
     def save(self) -> None:
@@ -728,14 +730,14 @@ class Trainer:
         with open(os.path.join(self.out, "log.jsonl"), "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def _accumulate(self, metrics: dict[str, float]) -> None:
+    def _accumulate(self, metrics: dict[str, torch.Tensor | float]) -> None:
         for key, value in metrics.items():
             self._running.setdefault(key, []).append(value)
 
     def _flush_train_log(self) -> None:
         if not self._running:
             return
-        means = {k: round(sum(v) / len(v), 5) for k, v in self._running.items()}
+        means = {k: round(sum(float(x) for x in v) / len(v), 5) for k, v in self._running.items()}
         self._running = {}
         self._log({"event": "train", **means})
         shown = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
@@ -749,7 +751,7 @@ class Trainer:
         hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         targets = {k: v.to(self.device) for k, v in _targets(scenes, self.batcher.patch).items()}
         _, metrics = self.heads.loss(hidden, targets, self.config.patch_box_target)
-        return metrics
+        return {k: float(v) for k, v in metrics.items()}
 
     def evaluate(self) -> None:
         started = time.time()
@@ -780,7 +782,13 @@ class Trainer:
         if self._batches is None:  # from here to the stage's end, in order (reset when the stage or recipe changes)
             size = self.config.vision_batch if self.stage == "vision" else self.config.lm_batch
             stream = _StageBatches(self.batcher, self.stage, self.images, size)
-            loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers, prefetch_factor=4)
+            loader = torch.utils.data.DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=self.workers,
+                prefetch_factor=4,
+                pin_memory=self.device.type == "cuda",  # so the copies to the device need not wait (`_to`)
+            )
             self._batches = iter(loader)
         return next(self._batches)
 
@@ -789,7 +797,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # bf16 on CUDA (float32 weights and optimizer); on CPU every step is float32, as before
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        batch = _to(self._next_batch(), self.device)
+        batch = self._next_batch()
+        if self.stage == "lm":  # counted on the host copy: no wait for the device
+            self.questions += int((batch["labels"] == self.batcher.eos).sum())
+        batch = _to(batch, self.device)
         if self.stage == "vision":
             with autocast:
                 hidden = self.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
@@ -811,19 +822,17 @@ class Trainer:
                     log_p = referent_scores.float().log_softmax(-1)
                     referent_loss = -(batch["referent_cover"] * log_p).sum(-1).mean()
                     loss = loss + config.referent_attention_weight * referent_loss
-            accuracy = float((logits.argmax(-1) == batch["labels"]).float().mean())
             metrics = {
-                "lm_loss": lm_loss.item(),
-                "token_acc": accuracy,
+                "lm_loss": lm_loss.detach(),
+                "token_acc": (logits.argmax(-1) == batch["labels"]).float().mean(),
                 "dense_loss": dense_metrics["dense_loss"],
                 "colour_acc": dense_metrics["colour_acc"],
             }
             if referent_scores is not None and referent_scores.shape[0]:
                 with torch.no_grad():  # the supervised head's image attention that lands on the referred object
                     on_object = (log_p.exp() * (batch["referent_cover"] > 0)).sum(-1).mean()
-                metrics.update(referent_loss=referent_loss.item(), referent_mass=on_object.item())
+                metrics.update(referent_loss=referent_loss.detach(), referent_mass=on_object)
             n_images = config.lm_batch
-            self.questions += int((batch["labels"] == self.batcher.eos).sum())
         loss.backward()
         tower = list(self.model.model.vision_tower.parameters())
         metrics["tower_grad"] = _grad_norm(tower)
