@@ -27,20 +27,22 @@ __all__ = ["DropResult", "referred_object_dependence", "referred_object_patches"
 
 @dataclass
 class DropResult:
-    """Localization Acc@0.5 on `n` scenes: unpruned, without the referred object's patches, and without
-    as many patches drawn at random from the rest; `dropped` is the mean number of patches dropped."""
+    """Localization Acc@0.5 on `n` scenes: unpruned, without the referred object's patches, without as many
+    patches drawn at random from the rest, and with one patch of the referred object left (the one it covers
+    most); `dropped` is the mean number of the referred object's patches."""
 
     unpruned: float
     referred_dropped: float
     others_dropped: float
+    one_left: float
     dropped: float
     n: int
 
     def summary(self) -> str:
         return (
             f"localization {self.unpruned:.3f} unpruned, {self.referred_dropped:.3f} without the referred object's "
-            f"patches, {self.others_dropped:.3f} without as many other patches ({self.dropped:.1f} dropped on "
-            f"average, {self.n} scenes)"
+            f"patches, {self.others_dropped:.3f} without as many other patches, {self.one_left:.3f} with one of "
+            f"its patches left ({self.dropped:.1f} patches per object, {self.n} scenes)"
         )
 
 
@@ -91,24 +93,29 @@ def referred_object_dependence(
 
     Per scene: the localization question of `eval_questions`; "referred" drops every patch holding a pixel of
     the object asked about; "others" drops as many patches drawn uniformly (seeded by `seed` and the scene)
-    from the patches that hold none of it.
+    from the patches that hold none of it; "one left" drops all of the object's patches but the one it covers
+    most (a model whose every patch carries its object's box still localizes then).
     """
     patch = model.config.vision_config.patch_size
-    items, drops = [], {"referred": [], "others": []}
+    items, drops = [], {"referred": [], "others": [], "one_left": []}
     for index in range(limit):
         scene, where, _ = eval_questions(split, index)  # type: ignore[arg-type]
-        referred = referred_object_patches(scene, where, patch)
+        cover = object_cover(scene, patch)[where.referent]
+        referred = cover > 0
         rest = np.flatnonzero(~referred)
         others = np.zeros_like(referred)
         others[np.random.default_rng([seed, index]).choice(rest, size=int(referred.sum()), replace=False)] = True
         items.append((scene.image(), where))
         drops["referred"].append(referred)
         drops["others"].append(others)
+        one_left = referred.copy()
+        one_left[cover.argmax()] = False
+        drops["one_left"].append(one_left)
     was_training = model.training
     model.eval()
     accuracy = {}
     try:
-        for name in ("unpruned", "referred", "others"):
+        for name in ("unpruned", *drops):
             right = []
             for start in range(0, limit, batch_size):
                 chunk = items[start : start + batch_size]
@@ -124,4 +131,6 @@ def referred_object_dependence(
     finally:
         model.train(was_training)
     dropped = float(np.mean([d.sum() for d in drops["referred"]]))
-    return DropResult(accuracy["unpruned"], accuracy["referred"], accuracy["others"], dropped, limit)
+    return DropResult(
+        accuracy["unpruned"], accuracy["referred"], accuracy["others"], accuracy["one_left"], dropped, limit
+    )
