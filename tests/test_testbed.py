@@ -629,11 +629,13 @@ def test_shipped_checkpoint_meets_the_quality_bars(shipped_result):
     assert shipped_result.other_acc >= OTHER_BAR
 
 
-def test_referred_object_patches_are_the_patches_holding_its_pixels():
-    from vlmprune.testbed.dependence import referred_object_patches
+def test_object_cover_marks_the_patches_holding_the_referred_objects_pixels():
+    from vlmprune.testbed.scenes import object_cover
 
     scene, where, _ = eval_questions("test", 3)
-    patches = referred_object_patches(scene, where, 14)
+    cover = object_cover(scene, 14)
+    assert cover.shape == (len(scene.objects), (IMAGE_SIZE // 14) ** 2) and cover.max() <= 1.0
+    patches = cover[where.referent] > 0
     x1, y1, x2, y2 = (round(v * IMAGE_SIZE) for v in where.box)
     rows, cols = np.divmod(np.flatnonzero(patches), IMAGE_SIZE // 14)
     assert patches.shape == ((IMAGE_SIZE // 14) ** 2,) and patches.any()

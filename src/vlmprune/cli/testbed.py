@@ -117,8 +117,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--dependence",
         action="store_true",
-        help="also measure localization with every patch of the asked-about object dropped, against as many "
-        "other patches dropped (the first min(N, 100) scenes)",
+        help="also measure localization with every patch of the asked-about object dropped, with as many other "
+        "patches dropped, and with one of the object's patches left (the first min(N, 100) scenes)",
     )
     evaluate.add_argument("--json", type=output_file, metavar="FILE", help="also write the result as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,9 +2,10 @@
 
 A model that reads a box off the positions and content of the tokens it is given loses the box when every
 token of the referred object is dropped, and barely notices when as many other tokens go. A model whose every
-patch carries its object's box (the `patch_box_target` ablation of the trainer) keeps the box while any one
-of the object's patches survives. `referred_object_dependence` measures both drops on held-out scenes, through
-the same engine the methods use (a stage before the language model that keeps a given set of tokens).
+patch was trained to carry its object's box (the `patch_box_target` ablation of the trainer) might keep the box
+while any one of the object's patches survives. `referred_object_dependence` measures the three cases on held-out
+scenes, through the same engine the methods use (a stage before the language model that keeps a given set of
+tokens).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from vlmprune.criteria.base import Criterion, SelectionContext
 from vlmprune.engine import prune
 from vlmprune.methods.base import PreLLMMethod
 from vlmprune.testbed.evaluate import generate_answers, is_correct
-from vlmprune.testbed.scenes import Question, Scene, eval_questions, object_cover
+from vlmprune.testbed.scenes import eval_questions, object_cover
 
-__all__ = ["DropResult", "referred_object_dependence", "referred_object_patches"]
+__all__ = ["DropResult", "referred_object_dependence"]
 
 
 @dataclass
@@ -61,7 +62,8 @@ class _GivenTokens(Criterion):
 
 @dataclass
 class _KeepGiven(PreLLMMethod):
-    """Before the language model, keep exactly the tokens `keep` marks (an analysis probe, not a method)."""
+    """Before the language model, keep exactly the tokens `given` `(batch, image tokens)` marks (an analysis
+    probe, not a registered method)."""
 
     name: ClassVar[str] = "keep-given"
     paper: ClassVar[str] = "testbed probe"
@@ -74,11 +76,6 @@ class _KeepGiven(PreLLMMethod):
         return _GivenTokens(self.given)
 
 
-def referred_object_patches(scene: Scene, question: Question, patch: int) -> np.ndarray:
-    """`(patches,)` bool, raster order: the patches holding any pixel of the object `question` is about."""
-    return object_cover(scene, patch)[question.referent] > 0
-
-
 @torch.no_grad()
 def referred_object_dependence(
     model: LlavaForConditionalGeneration,
@@ -89,7 +86,7 @@ def referred_object_dependence(
     batch_size: int = 32,
     seed: int = 0,
 ) -> DropResult:
-    """Localization on the first `limit` scenes of `split`, unpruned and with two drops of equal size.
+    """Localization on the first `limit` scenes of `split`, unpruned and with three sets of patches dropped.
 
     Per scene: the localization question of `eval_questions`; "referred" drops every patch holding a pixel of
     the object asked about; "others" drops as many patches drawn uniformly (seeded by `seed` and the scene)
