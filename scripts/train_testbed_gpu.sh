@@ -20,7 +20,8 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, transform
 PY
 started=$(date +%s)
 vlmprune testbed train --out "$run" --device "${DEVICE:-cuda}" --workers "${WORKERS:-12}" --batch-scale "${SCALE:-8}" \
-    --fit-minutes "${FIT_MINUTES:-7}" --set lm_eval_every_images=40000 --set vision_eval_every_images=24000 "${@:2}"
+    --fit-minutes "${FIT_MINUTES:-7}" --set lm_eval_every_images=40000 --set vision_eval_every_images=24000 \
+    --set log_every_steps=400 "${@:2}"   # a log line every 50 steps of 8x batches: reading metrics waits for the GPU
 echo "training took $(( $(date +%s) - started )) s"
 vlmprune testbed eval --model "$run/model" --limit 500 --json "$run/eval_500.json" --no-progress
 vlmprune testbed export --run "$run" --dest "$run/export"
