@@ -654,3 +654,24 @@ def test_shipped_localization_rests_on_the_referred_objects_tokens():
     others_loss = result.unpruned - result.others_dropped
     assert referred_loss >= 0.5 * result.unpruned, result.summary()
     assert referred_loss >= 3 * max(others_loss, 0.02), result.summary()
+
+
+def test_the_gpu_training_script_trains_evaluates_and_exports(tmp_path):
+    """`scripts/train_testbed_gpu.sh` end to end on the CPU with a tiny model (its smoke-test mode)."""
+    import subprocess
+    import sys
+    import tarfile
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "train_testbed_gpu.sh")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "WORKERS": "0", "SCALE": "1"}
+    env.update(FIT_MINUTES="0.05", OUT=str(out), OMP_NUM_THREADS="1")
+    overrides = ["vision_images=16", "lm_images=100000", "lm_batch=4", "eval_limit=2", f"model={TINY_MODEL!r}"]
+    command = ["bash", script, str(tmp_path / "run"), *(a for o in overrides for a in ("--set", o))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the stage now ends after" in done.stdout  # the LM stage was fitted to the time given
+    assert {"checkpoint.tar", "eval_500.json", "log.jsonl", "command.txt"} <= set(os.listdir(out))
+    with tarfile.open(out / "checkpoint.tar") as archive:
+        assert {"./model.safetensors", "./training_log.jsonl", "./config.json"} <= set(archive.getnames())
