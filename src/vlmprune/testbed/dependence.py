@@ -91,7 +91,7 @@ def referred_object_dependence(
     Per scene: the localization question of `eval_questions`; "referred" drops every patch holding a pixel of
     the object asked about; "others" drops as many patches drawn uniformly (seeded by `seed` and the scene)
     from the patches that hold none of it; "one left" drops all of the object's patches but the one it covers
-    most (a model whose every patch carries its object's box still localizes then).
+    most (where a model whose every patch carries its object's box might still localize).
     """
     patch = model.config.vision_config.patch_size
     items, drops = [], {"referred": [], "others": [], "one_left": []}
