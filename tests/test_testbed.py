@@ -269,7 +269,7 @@ def test_packed_question_blocks_match_separate_forwards(attn):
     processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
     batch = batcher.lm_batch(config.easy_images)  # a full (not easy) scene
     with torch.no_grad():
-        packed, _, _ = lm_logits(model, batch)
+        packed = lm_logits(model, batch).logits
     seed = scene_seed("train", batcher.scene_index("lm", config.easy_images))
     scene = make_scene(seed)
     questions = sample_questions(
@@ -300,7 +300,7 @@ def test_referent_scores_are_the_supervised_heads_attention_to_the_referred_obje
     processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
     batch = batcher.lm_batch(config.easy_images)
     with torch.no_grad():
-        _, _, scores = lm_logits(model, batch, referent_layer=1, image_start=batcher.image_start)
+        scores = lm_logits(model, batch, referent_layer=1, image_start=batcher.image_start).referent_scores
     seed = scene_seed("train", batcher.scene_index("lm", config.easy_images))
     scene = make_scene(seed)
     questions = sample_questions(
@@ -352,12 +352,17 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {**trainer.model.state_dict(), **{f"heads.{k}": v for k, v in trainer.heads.state_dict().items()}}
+    return {
+        **trainer.model.state_dict(),
+        **{f"heads.{k}": v for k, v in trainer.heads.state_dict().items()},
+        **{f"projector_heads.{k}": v for k, v in trainer.projector_heads.state_dict().items()},
+    }
 
 
-def test_training_runs_and_an_interrupted_run_continues_identically(tmp_path):
+@pytest.mark.parametrize("projector_dense_weight", [0.0, 0.5])
+def test_training_runs_and_an_interrupted_run_continues_identically(tmp_path, projector_dense_weight):
     torch.set_num_threads(1)
-    config = tiny_train_config()  # 2 vision steps, then 8 LM steps
+    config = tiny_train_config(projector_dense_weight=projector_dense_weight)  # 2 vision steps, then 8 LM steps
     straight = train(str(tmp_path / "a"), config, max_steps=6, log=None)
     assert straight.stage == "lm" and straight.step == 4
     interrupted = train(str(tmp_path / "b"), config, max_steps=1, log=None)
@@ -377,6 +382,11 @@ def test_training_runs_and_an_interrupted_run_continues_identically(tmp_path):
     assert {"train", "eval"} <= {r["event"] for r in records}
     assert any("localization_acc" in r and "other_acc" in r for r in records)
     assert os.path.isfile(tmp_path / "b" / "model" / "model.safetensors")
+    # the heads on the projector's output train only when their loss is asked for
+    initial = Trainer(str(tmp_path / "c"), config, log=None).projector_heads.state_dict()
+    trained = resumed.projector_heads.state_dict()
+    assert all(torch.equal(initial[k], trained[k]) for k in initial) is (projector_dense_weight == 0)
+    assert any("projected_colour_acc" in r for r in records) is (projector_dense_weight > 0)
 
 
 def test_batches_rendered_by_workers_train_the_same_weights(tmp_path):
@@ -402,12 +412,13 @@ def test_no_patch_is_trained_on_its_objects_box_unless_the_ablation_asks(tmp_pat
         assert not torch.equal(
             trainer.heads.loss(hidden, batch["targets"], box=True)[0], trainer.heads.loss(hidden, moved, box=True)[0]
         )
-    # a run saved before the field existed trained with the box target, and resumes with it
+    # a run saved before the fields existed trained with the box target and no projector heads, and resumes so
     checkpoint = tmp_path / "a" / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=False)
-    del state["config"]["patch_box_target"]
+    del state["config"]["patch_box_target"], state["config"]["projector_dense_weight"], state["projector_heads"]
     torch.save(state, checkpoint)
-    assert train(str(tmp_path / "a"), resume=True, max_steps=0, log=None).config.patch_box_target is True
+    resumed = train(str(tmp_path / "a"), resume=True, max_steps=0, log=None)
+    assert resumed.config.patch_box_target is True and resumed.config.projector_dense_weight == 0.0
 
 
 def test_a_scaled_recipe_sees_the_same_images_in_fewer_larger_steps(tmp_path, capsys):

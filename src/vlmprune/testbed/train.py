@@ -47,6 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,6 +80,7 @@ __all__ = [
     "LM_FIELDS",
     "LOGGING_FIELDS",
     "DenseHeads",
+    "PackedOutputs",
     "TrainConfig",
     "Trainer",
     "lm_logits",
@@ -114,6 +116,9 @@ class TrainConfig:
     # question's answer toward that object's patches (by pixel share), weighted so in the loss (0: off)
     referent_attention_weight: float = 0.0
     referent_attention_layer: int = 4
+    # linear heads on the projector's output predict each patch's foreground, colour, shape, size, row and column
+    # (no box), weighted so in the loss: the language model's input keeps what the tower knows (0: off)
+    projector_dense_weight: float = 0.0
     easy_images: int = 32_000
     # both stages
     warmup_steps: int = 100
@@ -142,6 +147,9 @@ class TrainConfig:
             "where_per_image",
             "other_per_image",
             "referent_attention_layer",
+            "dense_weight",
+            "referent_attention_weight",
+            "projector_dense_weight",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -188,6 +196,7 @@ LM_FIELDS = frozenset(
         "easy_images",
         "referent_attention_weight",
         "referent_attention_layer",
+        "projector_dense_weight",
     }
 )
 
@@ -219,10 +228,12 @@ _DENSE_SIZES = {"fg": 1, "colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "
 
 
 class DenseHeads(nn.Module):
-    """Linear per-patch heads on two vision layers' patch features (training only, not part of the model).
+    """Linear per-patch heads (training only, not part of the model): one per entry of `layers`, the tower's
+    hidden states that `loss` reads (by default layer -2, which the LM reads, and the last layer).
 
-    Input: `(batch, patches, hidden)` features of one layer; output: logits split by target (see
-    `_DENSE_SIZES`, plus `row` and `col` over the grid side).
+    Input of a head: `(batch, patches, hidden)` patch features; output: logits split by target (see
+    `_DENSE_SIZES`, plus `row` and `col` over the grid side). `patch_loss` takes the features directly, which is
+    how the heads on the projector's output (`TrainConfig.projector_dense_weight`) are fed.
     """
 
     def __init__(self, hidden: int, side: int, layers: tuple[int, ...] = (-2, -1)) -> None:
@@ -241,24 +252,31 @@ class DenseHeads(nn.Module):
     def loss(
         self, hidden_states: tuple[torch.Tensor, ...], targets: dict[str, torch.Tensor], box: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`patch_loss` of the tower's `layers`; `hidden_states`: its per-layer states `(batch, 1 + patches,
+        hidden)` ([CLS] first)."""
+        return self.patch_loss([hidden_states[layer][:, 1:] for layer in self.layers], targets, box)
+
+    def patch_loss(
+        self, features: list[torch.Tensor], targets: dict[str, torch.Tensor], box: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean dense loss over the heads, and accuracies of the first head (the layer the LM reads), as 0-d tensors
         (read on the host only when logged: a training step does not wait for the device).
 
-        `hidden_states`: the tower's per-layer states `(batch, 1 + patches, hidden)` ([CLS] first);
-        `targets`: `patch_targets` stacked over the batch, each `(batch, patches[, 4])`; `box`: whether each object
-        patch also predicts its object's box (`TrainConfig.patch_box_target`).
+        `features`: one `(batch, patches, hidden)` tensor per head; `targets`: `patch_targets` stacked over the
+        batch, each `(batch, patches[, 4])`; `box`: whether each object patch also predicts its object's box
+        (`TrainConfig.patch_box_target`).
         """
-        total = hidden_states[0].new_zeros(())
+        total = features[0].new_zeros(())
         metrics: dict[str, torch.Tensor] = {}
         obj = targets["colour"] > 0
-        for index, layer in enumerate(self.layers):
-            logits = self.split(index, hidden_states[layer][:, 1:])
+        for index, patch_features in enumerate(features):
+            logits = self.split(index, patch_features)
             loss = F.binary_cross_entropy_with_logits(logits["fg"].squeeze(-1), targets["fg"])
             for name in ("colour", "shape", "size", "row", "col"):
                 loss = loss + F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=-100)
             if box and obj.any():
                 loss = loss + 10.0 * F.smooth_l1_loss(logits["box"][obj].sigmoid(), targets["box"][obj], beta=0.05)
-            total = total + loss / len(self.layers)
+            total = total + loss / len(features)
             if index == 0:
                 with torch.no_grad():
                     metrics["dense_loss"] = loss.detach()
@@ -420,14 +438,23 @@ class _StageBatches(torch.utils.data.Dataset):
         return self.batcher.vision_batch(start) if self.stage == "vision" else self.batcher.lm_batch(start)
 
 
+class PackedOutputs(NamedTuple):
+    """What `lm_logits` returns for a packed batch."""
+
+    logits: torch.Tensor  # (n, vocab) at `label_index`
+    vision_hidden_states: tuple[torch.Tensor, ...]  # the tower's, each (batch, 1 + patches, vision hidden)
+    image_embeds: torch.Tensor  # (batch, patches, text hidden): the projector's output, what the LM reads
+    referent_scores: torch.Tensor | None  # (k, image tokens), with `referent_layer`
+
+
 def lm_logits(
     model: LlavaForConditionalGeneration,
     batch: dict[str, torch.Tensor],
     referent_layer: int | None = None,
     image_start: int = 0,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """LLaVA's forward on a packed batch: logits `(n, vocab)` at `label_index`, the tower's hidden states and,
-    with `referent_layer`, `referent_scores` of that layer.
+) -> PackedOutputs:
+    """LLaVA's forward on a packed batch: logits `(n, vocab)` at `label_index`, the tower's hidden states, the
+    projected image tokens and, with `referent_layer`, `referent_scores` of that layer.
 
     The same computation as `LlavaModel.forward` (tower layer `vision_feature_layer`, [CLS] dropped,
     projector, scatter into the `<image>` positions, the language model), with a custom 4-D mask and
@@ -455,10 +482,11 @@ def lm_logits(
     )
     index = batch["label_index"]
     logits = model.lm_head(output.last_hidden_state[index[:, 0], index[:, 1]])
-    if referent_layer is None:
-        return logits, vision.hidden_states, None
-    layer_input = output.hidden_states[referent_layer]  # (batch, L, hidden): what the layer's attention reads
-    return logits, vision.hidden_states, _referent_scores(model, layer_input, batch, referent_layer, image_start)
+    referent_scores = None
+    if referent_layer is not None:
+        layer_input = output.hidden_states[referent_layer]  # (batch, L, hidden): what the layer's attention reads
+        referent_scores = _referent_scores(model, layer_input, batch, referent_layer, image_start)
+    return PackedOutputs(logits, vision.hidden_states, image_embeds, referent_scores)
 
 
 def _referent_scores(
@@ -564,11 +592,15 @@ class Trainer:
         self._check_fits_model(config)
         self.model = build_testbed_model(self.model_config, seed=config.seed).train()
         vision = self.model_config.vision_config
+        side = vision.image_size // vision.patch_size
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
-            self.heads = DenseHeads(vision.hidden_size, vision.image_size // vision.patch_size)
+            self.heads = DenseHeads(vision.hidden_size, side)
+            torch.manual_seed(config.seed + 2)  # its own seed: the tower's heads are those of runs without it
+            self.projector_heads = DenseHeads(self.model_config.text_config.hidden_size, side, layers=(0,))
         self.model.to(self.device)
         self.heads.to(self.device)
+        self.projector_heads.to(self.device)
         self.batcher = _Batcher(config, self.model_config)
         self.processor = build_testbed_processor(vision.image_size, vision.patch_size)
         self.stage = "vision" if config.vision_images > 0 else "lm"
@@ -602,6 +634,10 @@ class Trainer:
         else:
             tower_ids = {id(p) for p in tower}
             rest = [p for p in self.model.parameters() if id(p) not in tower_ids]
+            if (
+                config.projector_dense_weight > 0
+            ):  # else not in the optimizer: its state keeps the shape of runs without
+                rest += list(self.projector_heads.parameters())
             groups = [
                 {"params": rest, "lr": config.lm_lr},
                 {"params": tower + list(self.heads.parameters()), "lr": config.lm_lr * config.tower_lr_scale},
@@ -680,6 +716,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
             "heads": self.heads.state_dict(),
+            "projector_heads": self.projector_heads.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -700,13 +737,16 @@ class Trainer:
     ) -> Trainer:
         """The trainer of `out/checkpoint.pt`, in the state it was saved in."""
         state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False, map_location="cpu")
-        stored = {"patch_box_target": True, **state["config"]}  # runs from before the field trained with it
+        # runs from before these fields trained with the box target and without projector heads
+        stored = {"patch_box_target": True, "projector_dense_weight": 0.0, **state["config"]}
         trainer = cls(out, TrainConfig(**stored), log=log, device=device, workers=workers)
         trainer.stage = state["stage"]
         trainer.step, trainer.images, trainer.questions = state["step"], state["images"], state["questions"]
         trainer.train_seconds = state["train_seconds"]
         trainer.model.load_state_dict(state["model"])
         trainer.heads.load_state_dict(state["heads"])
+        if "projector_heads" in state:
+            trainer.projector_heads.load_state_dict(state["projector_heads"])
         if trainer.stage != "done":
             trainer._make_optimizer()
             trainer.optimizer.load_state_dict(state["optimizer"])
@@ -745,12 +785,17 @@ class Trainer:
 
     @torch.no_grad()
     def dense_eval(self) -> dict[str, float]:
-        """Dense-head metrics on 64 held-out test scenes (the tower's own learning, independent of the LM)."""
+        """Dense-head metrics on 64 held-out test scenes (the tower's own learning, independent of the LM), and in
+        the LM stage with `projector_dense_weight` the projector heads' as `projected_*`."""
         scenes = [make_scene(scene_seed("test", 900_000 + k)) for k in range(64)]
         pixels = _pixels([s.image() for s in scenes], self.batcher.mean, self.batcher.std).to(self.device)
         hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
         targets = {k: v.to(self.device) for k, v in _targets(scenes, self.batcher.patch).items()}
         _, metrics = self.heads.loss(hidden, targets, self.config.patch_box_target)
+        if self.stage == "lm" and self.config.projector_dense_weight > 0:
+            projected = self.model.model.multi_modal_projector(hidden[self.model.config.vision_feature_layer][:, 1:])
+            _, projected_metrics = self.projector_heads.patch_loss([projected], targets)
+            metrics.update({f"projected_{k}": v for k, v in projected_metrics.items()})
         return {k: float(v) for k, v in metrics.items()}
 
     def evaluate(self) -> None:
@@ -809,7 +854,7 @@ class Trainer:
         else:
             supervise = config.referent_attention_weight > 0
             with autocast:
-                logits, hidden, referent_scores = lm_logits(
+                logits, hidden, image_embeds, referent_scores = lm_logits(
                     self.model,
                     batch,
                     config.referent_attention_layer if supervise else None,
@@ -818,6 +863,11 @@ class Trainer:
                 lm_loss = F.cross_entropy(logits.float(), batch["labels"])
                 dense_loss, dense_metrics = self.heads.loss(hidden, batch["targets"], config.patch_box_target)
                 loss = lm_loss + config.dense_weight * dense_loss
+                if config.projector_dense_weight > 0:
+                    projected_loss, projected_metrics = self.projector_heads.patch_loss(
+                        [image_embeds], batch["targets"]
+                    )
+                    loss = loss + config.projector_dense_weight * projected_loss
                 if referent_scores is not None and referent_scores.shape[0]:
                     log_p = referent_scores.float().log_softmax(-1)
                     referent_loss = -(batch["referent_cover"] * log_p).sum(-1).mean()
@@ -828,6 +878,10 @@ class Trainer:
                 "dense_loss": dense_metrics["dense_loss"],
                 "colour_acc": dense_metrics["colour_acc"],
             }
+            if config.projector_dense_weight > 0:
+                metrics.update(
+                    projected_loss=projected_metrics["dense_loss"], projected_colour_acc=projected_metrics["colour_acc"]
+                )
             if referent_scores is not None and referent_scores.shape[0]:
                 with torch.no_grad():  # the supervised head's image attention that lands on the referred object
                     on_object = (log_p.exp() * (batch["referent_cover"] > 0)).sum(-1).mean()
