@@ -686,3 +686,35 @@ def test_the_gpu_training_script_trains_evaluates_and_exports(tmp_path):
     assert {"checkpoint.tar", "eval_500.json", "log.jsonl", "command.txt"} <= set(os.listdir(out))
     with tarfile.open(out / "checkpoint.tar") as archive:
         assert {"./model.safetensors", "./training_log.jsonl", "./config.json"} <= set(archive.getnames())
+
+
+def test_a_linear_probe_reads_what_the_features_carry_and_not_what_they_do_not():
+    from vlmprune.testbed.probe import linear_probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (300,), generator=generator)
+    noise = torch.randn(300, 8, generator=generator)
+    carried = noise.clone()
+    carried[:, :4] += 4 * torch.nn.functional.one_hot(labels, 4)  # the class is one direction of the features
+    assert linear_probe_accuracy(carried, labels, 200) > 0.95
+    assert linear_probe_accuracy(noise, labels, 200) < 0.45  # chance is 0.25
+
+
+def test_the_probe_covers_every_site_of_the_model_in_order():
+    from vlmprune.testbed.model import build_testbed_model
+    from vlmprune.testbed.probe import attribute_probe
+
+    torch.manual_seed(0)
+    model = build_testbed_model(make_config(**TINY_MODEL), seed=0).eval()
+    processor = build_testbed_processor(patch_size=TINY_MODEL["patch_size"])
+    result = attribute_probe(model, processor, scenes=30, batch_size=16)
+    layers = model.config.text_config.num_hidden_layers
+    expected = [
+        "tower",
+        "projected",
+        *(f"image@{k}" for k in range(layers + 1)),
+        *(f"last@{k}" for k in range(layers + 1)),
+    ]
+    assert list(result.sites) == expected and (result.n, result.fitted) == (30, 20)
+    assert all(0.0 <= v <= 1.0 for accuracy in result.sites.values() for v in accuracy.values())
+    assert set(result.answers) == {"colour", "shape"} and "projected" in result.summary()

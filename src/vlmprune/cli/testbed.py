@@ -120,6 +120,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="also measure localization with every patch of the asked-about object dropped, with as many other "
         "patches dropped, and with one of the object's patches left (the first min(N, 100) scenes)",
     )
+    evaluate.add_argument(
+        "--probe",
+        action="store_true",
+        help="also read one object's colour and shape with linear probes at each site of the model (tower, "
+        "projector, each language-model layer), next to its answers (600 one-object scenes)",
+    )
     evaluate.add_argument("--json", type=output_file, metavar="FILE", help="also write the result as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=run)
@@ -300,6 +306,12 @@ def _eval(args: argparse.Namespace) -> int:
         dependence = referred_object_dependence(model, processor, split=args.split, limit=min(args.limit, 100))
         print(f"dependence: {dependence.summary()}")
         record["dependence"] = dataclasses.asdict(dependence)
+    if args.probe:
+        from vlmprune.testbed.probe import attribute_probe
+
+        probe = attribute_probe(model, processor)
+        print(probe.summary())
+        record["probe"] = dataclasses.asdict(probe)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(record, handle, indent=1)

@@ -20,7 +20,12 @@ pretrained CLIP; here the tower is first given dense supervision of its own:
    With `referent_attention_weight` > 0, head 0 of decoder layer `referent_attention_layer` is also taught where
    to look: its attention over the image from the token that answers a question about one object is pulled toward
    that object's patches (cross-entropy to their pixel shares). It names patches, never a box: the box is still
-   read off the tokens the model is given.
+   read off the tokens the model is given. With `projector_dense_weight` > 0, linear heads on the projector's
+   output are trained on the tower's per-patch targets (no box), so the tokens the language model reads keep each
+   patch's colour. Without them colour questions stayed at chance in every run measured, although the tower knows
+   every colour: linear probes of the shipped model (`vlmprune testbed eval --probe`) read an object's colour at
+   1.00 from the tower, 0.93 from the projector's output, falling to 0.63 through the language model's layers, and
+   0.35 at the answering token, where its shape reads at 1.00.
 
 The loss is cross-entropy on the answer tokens and `</s>` only. Everything is determined by the seed: model
 initialisation by `seed`, scene `i` of a stage by `seed` and `i`. A checkpoint (model, heads, optimizer,
