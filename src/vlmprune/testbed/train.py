@@ -603,6 +603,7 @@ class Trainer:
             torch.manual_seed(config.seed + 1)
             self.heads = DenseHeads(vision.hidden_size, side)
             torch.manual_seed(config.seed + 2)  # its own seed: the tower's heads are those of runs without it
+            # one head, fed the projector's output through `patch_loss` (it reads no tower layer)
             self.projector_heads = DenseHeads(self.model_config.text_config.hidden_size, side, layers=(0,))
         self.model.to(self.device)
         self.heads.to(self.device)
@@ -640,9 +641,9 @@ class Trainer:
         else:
             tower_ids = {id(p) for p in tower}
             rest = [p for p in self.model.parameters() if id(p) not in tower_ids]
-            if (
-                config.projector_dense_weight > 0
-            ):  # else not in the optimizer: its state keeps the shape of runs without
+            # the projector heads join only when trained: otherwise the optimizer's state keeps the shape of runs
+            # from before they existed, which then resume
+            if config.projector_dense_weight > 0:
                 rest += list(self.projector_heads.parameters())
             groups = [
                 {"params": rest, "lr": config.lm_lr},
