@@ -493,7 +493,7 @@ def test_lm_stage_can_be_lengthened_before_its_decay(tmp_path):
     with pytest.raises(ValueError, match="already seen"):
         trainer.extend(8)
     with pytest.raises(ValueError, match="LM stage has started"):
-        trainer.reconfigure({"lm_lr": 1e-3})
+        trainer.reconfigure({"lm_lr": 2 * trainer.config.lm_lr})
     with pytest.raises(ValueError, match="cannot change seed"):
         trainer.reconfigure({"seed": 3})
     trainer.reconfigure({"eval_limit": 3})  # logging cadence: any time
@@ -504,7 +504,7 @@ def test_lm_recipe_can_be_tried_from_the_end_of_the_vision_stage(tmp_path):
     config = tiny_train_config(vision_images=16)
     first = train(str(tmp_path / "a"), config, max_steps=2, log=None)
     assert first.stage == "lm" and os.path.isfile(tmp_path / "a" / "checkpoint-vision.pt")
-    other = tiny_train_config(vision_images=16, lm_lr=1e-3, where_per_image=1)
+    other = tiny_train_config(vision_images=16, lm_lr=2e-3, where_per_image=1)
     fresh = train(str(tmp_path / "fresh"), other, max_steps=3, log=None)
     out = str(tmp_path / "b")
     assert (
@@ -517,7 +517,7 @@ def test_lm_recipe_can_be_tried_from_the_end_of_the_vision_stage(tmp_path):
                 "--from",
                 str(tmp_path / "a" / "checkpoint-vision.pt"),
                 "--set",
-                "lm_lr=1e-3",
+                "lm_lr=2e-3",
                 "--set",
                 "where_per_image=1",
                 "--max-steps",
