@@ -47,6 +47,7 @@ __all__ = [
     "build_testbed_model",
     "build_testbed_processor",
     "build_testbed_tokenizer",
+    "encode_images",
     "load_testbed",
     "parse_box",
     "prompt_text",
@@ -116,6 +117,18 @@ def build_testbed_model(
 def build_testbed_processor(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> LlavaProcessor:
     """The testbed's `LlavaProcessor` (see `vlmprune.testing.llava_processor`)."""
     return llava_processor(build_testbed_tokenizer(), image_size, patch_size)
+
+
+def encode_images(
+    model: LlavaForConditionalGeneration, pixel_values: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """LLaVA's image path for `pixel_values` `(batch, 3, H, W)`: the tower's hidden states (each
+    `(batch, 1 + patches, vision hidden)`) and the image tokens the language model reads, the projector's output
+    `(batch, patches, text hidden)` on tower layer `vision_feature_layer` with [CLS] dropped (as
+    `LlavaModel.get_image_features` computes them for the "default" feature selection)."""
+    inner = model.model
+    hidden_states = inner.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return hidden_states, inner.multi_modal_projector(hidden_states[model.config.vision_feature_layer][:, 1:])
 
 
 def prompt_text(question: str) -> str:

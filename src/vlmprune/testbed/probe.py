@@ -21,7 +21,7 @@ import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from vlmprune.testbed.evaluate import generate_answers
-from vlmprune.testbed.model import prompt_text
+from vlmprune.testbed.model import encode_images, prompt_text
 from vlmprune.testbed.scenes import COLOURS, SHAPES, make_scene, object_cover, scene_seed
 
 __all__ = ["ProbeResult", "attribute_probe", "linear_probe_accuracy"]
@@ -105,7 +105,6 @@ def attribute_probe(
         for name, values in _ATTRIBUTES.items()
     }
     sites: dict[str, list[torch.Tensor]] = {}
-    inner = model.model
     for start in range(0, scenes, batch_size):
         chunk = drawn[start : start + batch_size]
         pooling = weights[start : start + batch_size].to(model.device)
@@ -115,9 +114,8 @@ def attribute_probe(
             return_tensors="pt",
         ).to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        vision = inner.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
-        tower = vision[model.config.vision_feature_layer][:, 1:]
-        found = {"tower": tower, "projected": inner.multi_modal_projector(tower)}
+        vision, projected = encode_images(model, inputs["pixel_values"])
+        found = {"tower": vision[model.config.vision_feature_layer][:, 1:], "projected": projected}
         output = model(**inputs, output_hidden_states=True)
         image = inputs["input_ids"][0] == model.config.image_token_id  # one prompt: the same positions in each row
         pooled = {name: torch.einsum("bp,bph->bh", pooling, f.float()) for name, f in found.items()}

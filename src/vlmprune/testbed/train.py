@@ -66,6 +66,7 @@ from vlmprune.testbed.model import (
     build_testbed_model,
     build_testbed_processor,
     build_testbed_tokenizer,
+    encode_images,
     save_testbed,
     testbed_config,
 )
@@ -469,9 +470,7 @@ def lm_logits(
     the image tokens, which start at position `image_start` (RoPE applied, as the layer computes them).
     """
     inner = model.model
-    vision = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
-    features = vision.hidden_states[model.config.vision_feature_layer][:, 1:]
-    image_embeds = inner.multi_modal_projector(features)
+    vision_hidden_states, image_embeds = encode_images(model, batch["pixel_values"])
     embeds = inner.get_input_embeddings()(batch["input_ids"])
     image_mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
@@ -492,7 +491,7 @@ def lm_logits(
     if referent_layer is not None:
         layer_input = output.hidden_states[referent_layer]  # (batch, L, hidden): what the layer's attention reads
         referent_scores = _referent_scores(model, layer_input, batch, referent_layer, image_start)
-    return PackedOutputs(logits, vision.hidden_states, image_embeds, referent_scores)
+    return PackedOutputs(logits, vision_hidden_states, image_embeds, referent_scores)
 
 
 def _referent_scores(
@@ -796,11 +795,10 @@ class Trainer:
         the LM stage with `projector_dense_weight` the projector heads' as `projected_*`."""
         scenes = [make_scene(scene_seed("test", 900_000 + k)) for k in range(64)]
         pixels = _pixels([s.image() for s in scenes], self.batcher.mean, self.batcher.std).to(self.device)
-        hidden = self.model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        hidden, projected = encode_images(self.model, pixels)
         targets = {k: v.to(self.device) for k, v in _targets(scenes, self.batcher.patch).items()}
         _, metrics = self.heads.loss(hidden, targets, self.config.patch_box_target)
         if self.stage == "lm" and self.config.projector_dense_weight > 0:
-            projected = self.model.model.multi_modal_projector(hidden[self.model.config.vision_feature_layer][:, 1:])
             _, projected_metrics = self.projector_heads.patch_loss([projected], targets)
             metrics.update({f"projected_{k}": v for k, v in projected_metrics.items()})
         return {k: float(v) for k, v in metrics.items()}
