@@ -400,6 +400,27 @@ def test_batches_rendered_by_workers_train_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_steps_on_the_cpu_train_close_to_float32_ones(tmp_path, capsys):
+    torch.set_num_threads(1)
+    config = tiny_train_config()
+    full = train(str(tmp_path / "a"), config, max_steps=4, log=None)  # vision 2 steps, then LM 2 steps
+    half = train(str(tmp_path / "b"), config, max_steps=4, log=None, precision="bf16")
+    assert (full.precision, half.precision) == ("fp32", "bf16")
+    a, b = _weights(full), _weights(half)
+    assert all(b[k].dtype == torch.float32 for k in b)  # autocast: the weights and optimizer stay float32
+    moved = {k: (a[k] - b[k]).abs().max() for k in a}
+    assert any(m > 0 for m in moved.values())  # the steps did compute in bf16
+    assert all(torch.allclose(a[k], b[k], atol=5e-3, rtol=0) for k in a)  # Adam's first steps move <= lr = 1e-3 each
+    with pytest.raises(ValueError, match="precision must be one of bf16, fp32"):
+        Trainer(str(tmp_path / "c"), config, log=None, precision="fp16")
+    out = tmp_path / "cli"
+    args = ["testbed", "train", "--out", str(out), "--max-steps", "1", "--set", f"model={TINY_MODEL!r}"]
+    assert main([*args, "--precision", "bf16"]) == 0
+    assert "--precision bf16" in (out / "command.txt").read_text()
+    assert main([*args[:-4], "--resume", "--precision", "fp16"]) == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
 def test_no_patch_is_trained_on_its_objects_box_unless_the_ablation_asks(tmp_path):
     torch.set_num_threads(1)
     trainer = train(str(tmp_path / "a"), tiny_train_config(), max_steps=0, log=None)

@@ -70,6 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "result is the same with any number",
     )
     train.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),  # testbed.train.PRECISIONS, not imported: parsing loads no torch
+        help="what the training steps compute in, weights staying float32 (default: bf16 on CUDA, fp32 on CPU; "
+        "bf16 on a CPU with AVX-512 BF16 takes about two thirds of the time)",
+    )
+    train.add_argument(
         "--batch-scale",
         type=positive_int,
         default=1,
@@ -234,7 +240,7 @@ def _train(args: argparse.Namespace) -> int:
         shutil.copyfile(args.start_from, checkpoint)
         args.resume = True
     if os.path.exists(checkpoint):  # with --resume (`check`)
-        trainer = Trainer.resume(args.out, device=args.device, workers=args.workers)
+        trainer = Trainer.resume(args.out, device=args.device, workers=args.workers, precision=args.precision)
         try:
             trainer.reconfigure(overrides)
         except ValueError as error:
@@ -243,7 +249,9 @@ def _train(args: argparse.Namespace) -> int:
             trainer._log({"event": "start_from", "checkpoint": os.path.abspath(args.start_from)})
         print(f"resuming {args.out}: stage {trainer.stage}, step {trainer.step}, {trainer.images} images")
     else:
-        trainer = Trainer(args.out, _new_config(args, overrides), device=args.device, workers=args.workers)
+        trainer = Trainer(
+            args.out, _new_config(args, overrides), device=args.device, workers=args.workers, precision=args.precision
+        )
     stage = trainer.run(minutes=args.minutes, max_steps=args.max_steps, fit_minutes=args.fit_minutes)
     print(f"stopped in stage {stage}; checkpoint {checkpoint}, model {os.path.join(args.out, 'model')}")
     return 0
@@ -266,6 +274,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
         argv += ["--device", args.device]
     if args.workers:
         argv += ["--workers", str(args.workers)]
+    if args.precision is not None:
+        argv += ["--precision", args.precision]
     if args.batch_scale != 1:
         argv += ["--batch-scale", str(args.batch_scale)]
     for item in args.set:
