@@ -73,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--precision",
         choices=("bf16", "fp32"),  # testbed.train.PRECISIONS, not imported: parsing loads no torch
         help="what the training steps compute in, weights staying float32 (default: bf16 on CUDA, fp32 on CPU; "
-        "bf16 on a CPU with AVX-512 BF16 takes about two thirds of the time)",
+        "bf16 on a CPU with AVX-512 BF16 takes about three quarters of the time)",
     )
     train.add_argument(
         "--batch-scale",

@@ -593,7 +593,7 @@ class Trainer:
         self.device = torch.device(device)
         self.workers = workers  # processes rendering the next batches while a step runs (0: rendered in the step)
         # the steps' compute type (weights and optimizer stay float32): bf16 autocast by default on CUDA; on CPU
-        # float32 unless asked, where bf16 (AVX-512 BF16) takes about two thirds of a float32 step's time
+        # float32 unless asked, where bf16 (AVX-512 BF16) takes about three quarters of a float32 step's time
         self.precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
