@@ -37,6 +37,7 @@ from vlmprune.testbed.scenes import (
     box_to_bins,
     eval_questions,
     make_scene,
+    object_cover,
     patch_targets,
     sample_questions,
     scene_seed,
@@ -226,6 +227,34 @@ def test_patch_targets_label_objects_and_background():
         obj = next(o for o in scene.objects if tuple(targets["box"][p]) == pytest.approx(o.box))
         assert targets["colour"][p] == 1 + list(COLOURS).index(obj.colour)
         assert targets["shape"][p] == 1 + SHAPES.index(obj.shape)
+    assert (targets["extent"][inside] == [0, 0, 1, 1]).all()  # inside an object: the whole patch, no box
+    assert (targets["extent"][targets["fg"] == 0] == 0).all()
+
+
+def test_patch_extents_place_every_box_from_its_border_patches():
+    """A reader of which patches an object covers and where it lies within them finds its box to the pixel (unless
+    a neighbour covers more of a patch its sliver is in), so small objects are localizable at IoU 0.5 on a grid of
+    14-pixel patches, which the patch positions alone do not allow."""
+    side = IMAGE_SIZE // 14
+    exact, objects = 0, 0
+    for seed in range(20):
+        scene = make_scene(seed)
+        targets = patch_targets(scene)
+        owner = object_cover(scene).argmax(axis=0)
+        for k, obj in enumerate(scene.objects):
+            patches = np.nonzero((owner == k) & (targets["fg"] > 0))[0]
+            rows, cols = np.divmod(patches, side)
+            extent = targets["extent"][patches]
+            box = [
+                ((cols + extent[:, 0]) / side).min(),
+                ((rows + extent[:, 1]) / side).min(),
+                ((cols + extent[:, 2]) / side).max(),
+                ((rows + extent[:, 3]) / side).max(),
+            ]
+            objects += 1
+            exact += box == pytest.approx(obj.box, abs=1e-6)
+            assert box_iou(bins_to_box(box_to_bins(box)), obj.box) >= 0.5
+    assert exact >= 0.95 * objects
 
 
 # ---------------------------------------------------------------------------------------------- model pieces
@@ -400,6 +429,16 @@ def test_batches_rendered_by_workers_train_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_cli_offers_the_trainers_precisions():
+    from vlmprune.cli.main import build_parser
+    from vlmprune.testbed.train import PRECISIONS
+
+    testbed = next(a for a in build_parser()._actions if a.dest == "command").choices["testbed"]
+    train_parser = next(a for a in testbed._actions if a.choices and "train" in a.choices).choices["train"]
+    precision = next(a for a in train_parser._actions if a.dest == "precision")
+    assert tuple(precision.choices) == PRECISIONS  # kept apart so that parsing imports no torch
+
+
 def test_bf16_steps_on_the_cpu_train_close_to_float32_ones(tmp_path, capsys):
     torch.set_num_threads(1)
     config = tiny_train_config()
@@ -424,22 +463,31 @@ def test_bf16_steps_on_the_cpu_train_close_to_float32_ones(tmp_path, capsys):
 def test_no_patch_is_trained_on_its_objects_box_unless_the_ablation_asks(tmp_path):
     torch.set_num_threads(1)
     trainer = train(str(tmp_path / "a"), tiny_train_config(), max_steps=0, log=None)
-    assert trainer.config.patch_box_target is False
+    assert trainer.config.patch_box_target is False and trainer.config.patch_extent_target is True
     batch = trainer.batcher.vision_batch(0)
+    targets = batch["targets"]
     with torch.no_grad():
         hidden = trainer.model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
-        moved = {**batch["targets"], "box": 1.0 - batch["targets"]["box"]}
-        assert torch.equal(trainer.heads.loss(hidden, batch["targets"])[0], trainer.heads.loss(hidden, moved)[0])
+        moved = {**targets, "box": 1.0 - targets["box"]}
+        assert torch.equal(trainer.heads.loss(hidden, targets)[0], trainer.heads.loss(hidden, moved)[0])
         assert not torch.equal(
-            trainer.heads.loss(hidden, batch["targets"], box=True)[0], trainer.heads.loss(hidden, moved, box=True)[0]
+            trainer.heads.loss(hidden, targets, box=True)[0], trainer.heads.loss(hidden, moved, box=True)[0]
         )
-    # a run saved before the fields existed trained with the box target and no projector heads, and resumes so
-    checkpoint = tmp_path / "a" / "checkpoint.pt"
+        # the heads are trained on where each object lies within its patches
+        shifted = {**targets, "extent": 1.0 - targets["extent"]}
+        assert not torch.equal(trainer.heads.loss(hidden, targets)[0], trainer.heads.loss(hidden, shifted)[0])
+    # a run saved before the fields existed trained with the box target, no projector heads and no extent targets
+    # (heads one target shorter), and resumes so
+    legacy = train(str(tmp_path / "b"), tiny_train_config(patch_extent_target=False), max_steps=0, log=None)
+    assert "extent" not in legacy.heads.sizes
+    checkpoint = tmp_path / "b" / "checkpoint.pt"
     state = torch.load(checkpoint, weights_only=False)
     del state["config"]["patch_box_target"], state["config"]["projector_dense_weight"], state["projector_heads"]
+    del state["config"]["patch_extent_target"]
     torch.save(state, checkpoint)
-    resumed = train(str(tmp_path / "a"), resume=True, max_steps=0, log=None)
+    resumed = train(str(tmp_path / "b"), resume=True, max_steps=0, log=None)
     assert resumed.config.patch_box_target is True and resumed.config.projector_dense_weight == 0.0
+    assert resumed.config.patch_extent_target is False and "extent" not in resumed.heads.sizes
 
 
 def test_a_scaled_recipe_sees_the_same_images_in_fewer_larger_steps(tmp_path, capsys):

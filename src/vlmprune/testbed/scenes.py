@@ -384,6 +384,10 @@ def patch_targets(scene: Scene, patch: int = 14, min_cover: float = 0.3) -> dict
     - `colour`, `shape`, `size` `(n,)` int: 0 for background (no object pixel), `1 + attribute index` of the
       object covering most of the patch when it covers at least `min_cover`, and -100 (ignored) in between;
     - `box` `(n, 4)` float: that object's normalized box (zeros where the labels are not an object);
+    - `extent` `(n, 4)` float: where the object covering most of the patch lies *within* the patch, `[x1, y1, x2,
+      y2]` of its pixels there in the patch's own coordinates (`[0, 0, 1, 1]` inside an object; zeros where no
+      object pixel lies). Local content, as a real encoder's edge features are: it carries no box, but the patches
+      on an object's border place its edges to the pixel, which coordinate bins finer than a patch need;
     - `row`, `col` `(n,)` int: the patch's grid coordinates.
     """
     side = scene.size // patch
@@ -392,9 +396,12 @@ def patch_targets(scene: Scene, patch: int = 14, min_cover: float = 0.3) -> dict
     fg = cover.sum(axis=0) if len(scene.objects) else np.zeros(n, np.float32)
     labels = {name: np.zeros(n, dtype=np.int64) for name in ("colour", "shape", "size")}
     box = np.zeros((n, 4), dtype=np.float32)
+    extent = np.zeros((n, 4), dtype=np.float32)
     if len(scene.objects):
         best = cover.argmax(axis=0)
         best_cover = cover.max(axis=0)
+        touched = best_cover > 0
+        extent[touched] = _patch_extents(scene, patch)[best[touched], np.nonzero(touched)[0]]
         colour_ids = {c: i for i, c in enumerate(COLOURS)}
         size_ids = {s: i for i, s in enumerate(SIZES)}
         for p in range(n):
@@ -408,4 +415,22 @@ def patch_targets(scene: Scene, patch: int = 14, min_cover: float = 0.3) -> dict
                 for name in labels:
                     labels[name][p] = -100
     rows, cols = np.divmod(np.arange(n), side)
-    return {"fg": fg.astype(np.float32), **labels, "box": box, "row": rows, "col": cols}
+    return {"fg": fg.astype(np.float32), **labels, "box": box, "extent": extent, "row": rows, "col": cols}
+
+
+def _patch_extents(scene: Scene, patch: int) -> np.ndarray:
+    """`(objects, patches, 4)` float32: each object's pixels within each patch as `[x1, y1, x2, y2]` in the patch's
+    coordinates (`x2 = (last column + 1) / patch`, as boxes are); zeros where the object has no pixel."""
+    side = scene.size // patch
+    out = np.zeros((len(scene.objects), side * side, 4), dtype=np.float32)
+    for k, mask in enumerate(scene.masks()):
+        blocks = mask.reshape(side, patch, side, patch)
+        columns = blocks.any(axis=1).reshape(side * side, patch)  # (patches, pixel column within the patch)
+        rows = blocks.any(axis=3).transpose(0, 2, 1).reshape(side * side, patch)
+        present = columns.any(axis=1)
+        for axis, occupied in ((0, columns), (1, rows)):
+            first = occupied.argmax(axis=1)
+            last = patch - occupied[:, ::-1].argmax(axis=1)
+            out[k, present, axis] = first[present] / patch
+            out[k, present, axis + 2] = last[present] / patch
+    return out
