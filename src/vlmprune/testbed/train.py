@@ -57,6 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -308,20 +309,27 @@ class DenseHeads(nn.Module):
                         metrics[f"{name}_acc"] = right.sum() / objects
                     rowcol = (logits["row"].argmax(-1) == targets["row"]) & (logits["col"].argmax(-1) == targets["col"])
                     metrics["rowcol_acc"] = rowcol.float().mean()
-                    if box and obj.any():
-                        metrics["box_l1"] = (logits["box"][obj].sigmoid() - targets["box"][obj]).abs().mean()
-                    if "extent" in self.sizes:  # as a fraction of a patch's side
+                    if box:  # in image widths
+                        metrics["box_l1"] = _masked_mean(F.l1_loss, logits["box"], targets["box"], obj)
+                    if "extent" in self.sizes:  # in patch widths
                         touched = targets["fg"] > 0
-                        error = (logits["extent"].sigmoid() - targets["extent"]).abs().mean(-1) * touched
-                        metrics["extent_l1"] = error.sum() / touched.sum().clamp(min=1)
+                        metrics["extent_l1"] = _masked_mean(F.l1_loss, logits["extent"], targets["extent"], touched)
         return total, metrics
 
 
 def _regression_loss(logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """Smooth L1 of `sigmoid(logits)` against `target` (both `(batch, patches, 4)`, in [0, 1]) over the patches
-    `where` `(batch, patches)` is True, weighted 10x (a 0-d zero when there are none; no host synchronisation)."""
-    error = F.smooth_l1_loss(logits.sigmoid(), target, beta=0.05, reduction="none").mean(-1)
-    return 10.0 * (error * where).sum() / where.sum().clamp(min=1)
+    """The loss of a regression head, `(batch, patches, 4)` logits against targets in [0, 1]: 10x the smooth L1 of
+    their sigmoid over the patches `where` `(batch, patches)` holds."""
+    return 10.0 * _masked_mean(partial(F.smooth_l1_loss, beta=0.05), logits, target, where)
+
+
+def _masked_mean(
+    error: Callable[..., torch.Tensor], logits: torch.Tensor, target: torch.Tensor, where: torch.Tensor
+) -> torch.Tensor:
+    """Mean `error` (elementwise, `reduction="none"`) of `sigmoid(logits)` against `target` over the patches `where`;
+    a 0-d zero when there are none, without asking the device which (no host synchronisation)."""
+    per_patch = error(logits.sigmoid(), target, reduction="none").mean(-1)
+    return (per_patch * where).sum() / where.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------- batches
